@@ -1,0 +1,73 @@
+"""trio_es: event sourcing for Trio.
+
+Commands go to aggregates, each served by one supervised task that keeps its state
+cached; committed events are kept in an append-only store and fed to read models
+(queries). Modelled on the Gleam ``eventsourcing`` package.
+
+Two ways in: the seed's message API (``supervised``, ``execute``, ``receive`` ...) and the
+awaiting facade ``open_eventsourcing``. Stores live in submodules
+(``trio_es.memory_store``); supervision trees in ``trio_es.supervision``.
+"""
+
+from ._api import aggregate_stats as aggregate_stats
+from ._api import execute as execute
+from ._api import execute_with_metadata as execute_with_metadata
+from ._api import execute_with_response as execute_with_response
+from ._api import latest_snapshot as latest_snapshot
+from ._api import load_aggregate as load_aggregate
+from ._api import load_events as load_events
+from ._api import load_events_from as load_events_from
+from ._api import system_stats as system_stats
+from ._errors import ActorTimeout as ActorTimeout
+from ._errors import AggregateCrashed as AggregateCrashed
+from ._errors import ConcurrencyConflict as ConcurrencyConflict
+from ._errors import DomainError as DomainError
+from ._errors import EntityNotFound as EntityNotFound
+from ._errors import EventSourcingError as EventSourcingError
+from ._errors import EventStoreError as EventStoreError
+from ._errors import MailboxFull as MailboxFull
+from ._errors import NonPositiveArgument as NonPositiveArgument
+from ._errors import TransactionFailed as TransactionFailed
+from ._errors import TransactionRolledBack as TransactionRolledBack
+from ._errors import describe_error as describe_error
+from ._facade import EventSourcing as EventSourcing
+from ._facade import open_eventsourcing as open_eventsourcing
+from ._runtime import Query as Query
+from ._runtime import RuntimeOptions as RuntimeOptions
+from ._runtime import supervised as supervised
+from ._store import EventStore as EventStore
+from ._subject import DEFAULT_CAPACITY as DEFAULT_CAPACITY
+from ._subject import Name as Name
+from ._subject import Subject as Subject
+from ._subject import named_subject as named_subject
+from ._subject import new_name as new_name
+from ._subject import new_subject as new_subject
+from ._subject import receive as receive
+from ._supervisor import SupervisorGaveUp as SupervisorGaveUp
+from ._types import Aggregate as Aggregate
+from ._types import AggregateMessage as AggregateMessage
+from ._types import AggregateStats as AggregateStats
+from ._types import EventEnvelope as EventEnvelope
+from ._types import ExecuteCommand as ExecuteCommand
+from ._types import ExecuteCommandWithResponse as ExecuteCommandWithResponse
+from ._types import GetAggregateStats as GetAggregateStats
+from ._types import GetSystemStats as GetSystemStats
+from ._types import LoadAggregate as LoadAggregate
+from ._types import LoadAllEvents as LoadAllEvents
+from ._types import LoadEvents as LoadEvents
+from ._types import LoadLatestSnapshot as LoadLatestSnapshot
+from ._types import MemoryStoreEventEnvelope as MemoryStoreEventEnvelope
+from ._types import Message as Message
+from ._types import Metadata as Metadata
+from ._types import ProcessEvents as ProcessEvents
+from ._types import Reply as Reply
+from ._types import SerializedEventEnvelope as SerializedEventEnvelope
+from ._types import Snapshot as Snapshot
+from ._types import SnapshotConfig as SnapshotConfig
+from ._types import SystemStats as SystemStats
+from ._validated import Frequency as Frequency
+from ._validated import Timeout as Timeout
+from ._validated import frequency as frequency
+from ._validated import timeout as timeout
+
+__version__ = "0.1.0"

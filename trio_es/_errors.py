@@ -1,0 +1,248 @@
+"""The errors trio_es raises, modelled on the seed's ``EventSourcingError`` variants.
+
+Every error is an :class:`EventSourcingError`, so ``except EventSourcingError`` catches all
+of them. Each keeps the seed's fields as attributes; extra context (which aggregate, which
+value) is optional keyword data that makes ``str()`` more useful without changing the type.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+__all__ = [
+    "ActorTimeout",
+    "AggregateCrashed",
+    "ConcurrencyConflict",
+    "DomainError",
+    "EntityNotFound",
+    "EventSourcingError",
+    "EventStoreError",
+    "MailboxFull",
+    "NonPositiveArgument",
+    "TransactionFailed",
+    "TransactionRolledBack",
+    "describe_error",
+]
+
+
+def _about(aggregate_id: str | None) -> str:
+    return "" if aggregate_id is None else f" (aggregate {aggregate_id!r})"
+
+
+class EventSourcingError(Exception):
+    """Base class of every error that trio_es raises or replies with."""
+
+    def describe(self) -> str:
+        """A one-line human description, as the seed's ``describe_error`` gives."""
+        return str(self)
+
+
+class DomainError(EventSourcingError):
+    """A command was rejected by the domain: a normal outcome, not a bug.
+
+    ``handle`` raises it (or a subclass) to refuse a command. Nothing is committed, the
+    aggregate keeps running, and the caller receives this exception.
+
+    Args:
+        error: the domain's own error value, kept as ``.error``. Subclasses that need no
+            value may leave it out; ``.error`` is then the exception itself.
+    """
+
+    error: object
+
+    def __init__(self, error: object = None) -> None:
+        super().__init__(error)
+        self.error = self if error is None else error
+
+    def __str__(self) -> str:
+        kind = "domain error" if type(self) is DomainError else type(self).__name__
+        if self.error is self:
+            return f"domain error: {kind}"
+        return f"{kind}: {self.error!r}"
+
+
+class EventStoreError(EventSourcingError):
+    """The event store failed or refused an operation; ``message`` says why."""
+
+    message: str
+    aggregate_id: str | None
+
+    def __init__(self, message: str, *, aggregate_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.aggregate_id = aggregate_id
+
+    def __str__(self) -> str:
+        return f"event store error: {self.message}{_about(self.aggregate_id)}"
+
+
+@final
+class NonPositiveArgument(EventSourcingError, ValueError):
+    """An argument that must be positive (or non-negative) was not.
+
+    Also a ``ValueError``, so generic argument checking code catches it.
+    """
+
+    name: str | None
+    value: object
+    requirement: str
+
+    def __init__(
+        self, *, name: str | None = None, value: object = None, requirement: str = "a positive int"
+    ) -> None:
+        super().__init__(name, value)
+        self.name = name
+        self.value = value
+        self.requirement = requirement
+
+    def __str__(self) -> str:
+        if self.name is None:
+            return "argument must be positive"
+        return f"{self.name} must be {self.requirement} (got {self.value!r})"
+
+
+@final
+class EntityNotFound(EventSourcingError):
+    """The aggregate has no events, so there is no entity to load."""
+
+    aggregate_id: str | None
+
+    def __init__(self, *, aggregate_id: str | None = None) -> None:
+        super().__init__(aggregate_id)
+        self.aggregate_id = aggregate_id
+
+    def __str__(self) -> str:
+        return f"entity not found{_about(self.aggregate_id)}"
+
+
+class TransactionFailed(EventSourcingError):
+    """A store transaction failed in a way that is safe to retry.
+
+    The aggregate task reloads its state and retries the command a bounded number of
+    times before it replies with this error.
+    """
+
+    reason: str | None
+    aggregate_id: str | None
+
+    def __init__(self, reason: str | None = None, *, aggregate_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.aggregate_id = aggregate_id
+
+    def __str__(self) -> str:
+        why = "" if self.reason is None else f": {self.reason}"
+        return f"transaction failed{why}{_about(self.aggregate_id)}"
+
+
+@final
+class ConcurrencyConflict(TransactionFailed):
+    """Optimistic concurrency: another writer committed to the aggregate first.
+
+    The store refused to write because the stored sequence was not the one the command
+    was decided on. Like any :class:`TransactionFailed` it is retried after a reload.
+    """
+
+    expected_sequence: int
+    actual_sequence: int
+
+    def __init__(self, *, aggregate_id: str, expected_sequence: int, actual_sequence: int) -> None:
+        super().__init__(
+            f"expected stored sequence {expected_sequence}, found {actual_sequence}",
+            aggregate_id=aggregate_id,
+        )
+        self.expected_sequence = expected_sequence
+        self.actual_sequence = actual_sequence
+
+    def __str__(self) -> str:
+        return (
+            f"concurrency conflict on aggregate {self.aggregate_id!r}: expected stored "
+            f"sequence {self.expected_sequence}, found {self.actual_sequence}; reload and retry"
+        )
+
+
+@final
+class TransactionRolledBack(EventSourcingError):
+    """The transaction was rolled back; nothing it wrote was kept."""
+
+    reason: str | None
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return "transaction rolled back" + ("" if self.reason is None else f": {self.reason}")
+
+
+@final
+class ActorTimeout(EventSourcingError):
+    """No reply arrived within ``timeout_ms`` milliseconds during ``operation``."""
+
+    operation: str
+    timeout_ms: int
+
+    def __init__(self, operation: str, timeout_ms: int) -> None:
+        super().__init__(operation, timeout_ms)
+        self.operation = operation
+        self.timeout_ms = timeout_ms
+
+    def __str__(self) -> str:
+        return f"actor timeout during {self.operation} after {self.timeout_ms} ms"
+
+
+@final
+class MailboxFull(EventSourcingError):
+    """A send found the mailbox at capacity; the message was not delivered.
+
+    Raise the mailbox capacity, slow the sender down, or use the awaiting facade
+    (:func:`trio_es.open_eventsourcing`), which waits for room instead.
+    """
+
+    mailbox: str
+    capacity: int
+
+    def __init__(self, *, mailbox: str, capacity: int) -> None:
+        super().__init__(mailbox, capacity)
+        self.mailbox = mailbox
+        self.capacity = capacity
+
+    def __str__(self) -> str:
+        return (
+            f"mailbox {self.mailbox} is full (capacity {self.capacity}); raise its capacity "
+            "or wait for room with the async facade"
+        )
+
+
+@final
+class AggregateCrashed(EventSourcingError):
+    """The aggregate's task crashed more often than its restart intensity allows.
+
+    It stays stopped, and messages waiting for it get this error; the next message sent
+    to the aggregate starts it again from the store. ``__cause__`` is the last crash.
+    """
+
+    aggregate_id: str
+    restarts: int
+
+    def __init__(self, *, aggregate_id: str, restarts: int) -> None:
+        super().__init__(aggregate_id, restarts)
+        self.aggregate_id = aggregate_id
+        self.restarts = restarts
+
+    def __str__(self) -> str:
+        return (
+            f"aggregate {self.aggregate_id!r} crashed {self.restarts} times in its restart "
+            "period and was stopped; fix the bug in handle/apply or the store, then send again"
+        )
+
+
+def describe_error(error: BaseException) -> str:
+    """Describe an error in one line, as the seed's ``describe_error`` does.
+
+    Works for any exception: trio_es errors describe themselves, others are shown with
+    their type name.
+    """
+    if isinstance(error, EventSourcingError):
+        return error.describe()
+    return f"{type(error).__name__}: {error}"

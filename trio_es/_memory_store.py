@@ -1,0 +1,302 @@
+"""The in-memory event store, plain (:class:`MemoryStore`) or as supervised actors.
+
+Events live in per-aggregate Python lists: appending costs O(events appended), reading a
+tail costs O(tail). Nothing survives the process; use it for tests and prototypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar, final
+
+import attrs
+import outcome
+import trio
+
+from ._errors import ConcurrencyConflict, EventStoreError
+from ._subject import Name, Subject, named_subject, new_subject, receive
+from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
+from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot
+from ._validated import Timeout
+
+__all__ = ["MemoryStore", "MemoryTransaction", "SupervisedMemoryStore", "supervised"]
+
+EventT = TypeVar("EventT")
+EntityT = TypeVar("EntityT")
+
+
+@final
+@attrs.define(eq=False)
+class MemoryTransaction(Generic[EventT, EntityT]):
+    """Writes buffered by one memory-store transaction, applied together on commit."""
+
+    appends: dict[str, list[MemoryStoreEventEnvelope[EventT]]] = attrs.Factory(dict)
+    #: The stored sequence each appended aggregate had when the transaction first wrote it.
+    expected: dict[str, int] = attrs.Factory(dict)
+    snapshots: dict[str, Snapshot[EntityT]] = attrs.Factory(dict)
+
+
+@final
+@attrs.define(eq=False)
+class _Log(Generic[EventT, EntityT]):
+    """The stored data, shared by the plain store and by the actors of the supervised one."""
+
+    events: dict[str, list[MemoryStoreEventEnvelope[EventT]]] = attrs.Factory(dict)
+    snapshots: dict[str, Snapshot[EntityT]] = attrs.Factory(dict)
+
+    def sequence(self, aggregate_id: str) -> int:
+        stream = self.events.get(aggregate_id)
+        return 0 if stream is None else len(stream)
+
+    def read(self, aggregate_id: str, start_from: int) -> list[MemoryStoreEventEnvelope[EventT]]:
+        # Sequences are contiguous from 1, so event n sits at index n - 1.
+        return self.events.get(aggregate_id, [])[max(start_from, 0) :]
+
+    def apply_events(self, tx: MemoryTransaction[EventT, EntityT]) -> None:
+        # Check every aggregate before touching any, so a conflict writes nothing.
+        for aggregate_id, expected in tx.expected.items():
+            actual = self.sequence(aggregate_id)
+            if actual != expected:
+                raise ConcurrencyConflict(
+                    aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
+                )
+        for aggregate_id, envelopes in tx.appends.items():
+            self.events.setdefault(aggregate_id, []).extend(envelopes)
+
+    def apply_snapshots(self, tx: MemoryTransaction[EventT, EntityT]) -> None:
+        self.snapshots.update(tx.snapshots)
+
+
+def _stage(
+    tx: MemoryTransaction[EventT, EntityT],
+    stored_sequence: int,
+    aggregate: Aggregate[EntityT],
+    events: Sequence[EventT],
+    metadata: Metadata,
+) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
+    """Buffer ``events`` in ``tx`` after checking the optimistic-concurrency expectation."""
+    aggregate_id = aggregate.aggregate_id
+    pending = tx.appends.get(aggregate_id)
+    current = stored_sequence + (0 if pending is None else len(pending))
+    if current != aggregate.sequence:
+        raise ConcurrencyConflict(
+            aggregate_id=aggregate_id,
+            expected_sequence=aggregate.sequence,
+            actual_sequence=current,
+        )
+    envelopes = [
+        MemoryStoreEventEnvelope(aggregate_id, aggregate.sequence + i, event, metadata)
+        for i, event in enumerate(events, start=1)
+    ]
+    if pending is None:
+        tx.expected[aggregate_id] = stored_sequence
+        tx.appends[aggregate_id] = list(envelopes)
+    else:
+        pending.extend(envelopes)
+    return envelopes, aggregate.sequence + len(events)
+
+
+def _with_pending(
+    stored: list[MemoryStoreEventEnvelope[EventT]],
+    tx: MemoryTransaction[EventT, EntityT],
+    aggregate_id: str,
+    start_from: int,
+) -> list[MemoryStoreEventEnvelope[EventT]]:
+    pending = tx.appends.get(aggregate_id)
+    if not pending:
+        return stored
+    return stored + [e for e in pending if e.sequence > start_from]
+
+
+@final
+@attrs.define(eq=False)
+class MemoryStore(Generic[EventT, EntityT]):
+    """An in-memory event store that needs no tasks.
+
+    Transactions buffer their writes and apply them atomically on commit: a transaction
+    sees its own writes, and a concurrent writer that got there first makes the commit
+    fail with ``ConcurrencyConflict`` without writing anything.
+    """
+
+    _log: _Log[EventT, EntityT] = attrs.field(factory=_Log, init=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[MemoryTransaction[EventT, EntityT]]:
+        tx: MemoryTransaction[EventT, EntityT] = MemoryTransaction()
+        yield tx
+        # No await between the check and the write: the commit is atomic in Trio.
+        self._log.apply_events(tx)
+        self._log.apply_snapshots(tx)
+
+    async def load_events(
+        self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str, start_from: int
+    ) -> list[MemoryStoreEventEnvelope[EventT]]:
+        return _with_pending(self._log.read(aggregate_id, start_from), tx, aggregate_id, start_from)
+
+    async def commit_events(
+        self,
+        tx: MemoryTransaction[EventT, EntityT],
+        aggregate: Aggregate[EntityT],
+        events: Sequence[EventT],
+        metadata: Metadata,
+    ) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
+        stored = self._log.sequence(aggregate.aggregate_id)
+        return _stage(tx, stored, aggregate, events, metadata)
+
+    async def load_snapshot(
+        self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str
+    ) -> Snapshot[EntityT] | None:
+        return tx.snapshots.get(aggregate_id) or self._log.snapshots.get(aggregate_id)
+
+    async def save_snapshot(
+        self, tx: MemoryTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
+    ) -> None:
+        tx.snapshots[snapshot.aggregate_id] = snapshot
+
+
+# The supervised variant, as in the seed: an events actor and a snapshot actor under a
+# supervisor. Their data lives in a shared _Log, not in the tasks, so a restarted actor
+# has lost nothing.
+
+
+@attrs.frozen
+class _Sequence:
+    aggregate_id: str
+    reply_to: Subject[outcome.Outcome[int]]
+
+
+@attrs.frozen
+class _Read:
+    aggregate_id: str
+    start_from: int
+    reply_to: Subject[outcome.Outcome[list[MemoryStoreEventEnvelope[Any]]]]
+
+
+@attrs.frozen
+class _Commit:
+    tx: MemoryTransaction[Any, Any]
+    reply_to: Subject[outcome.Outcome[None]]
+
+
+@attrs.frozen
+class _LoadSnapshot:
+    aggregate_id: str
+    reply_to: Subject[outcome.Outcome[Snapshot[Any] | None]]
+
+
+async def _serve(
+    name: Name[Any],
+    log: _Log[Any, Any],
+    commit: Callable[[MemoryTransaction[Any, Any]], None],
+    *,
+    task_status: Any,
+) -> None:
+    """Answer store calls sent to ``name``; ``commit`` applies this actor's part of a commit."""
+    mailbox = named_subject(name)
+    task_status.started()
+    while True:
+        message = await mailbox.get()
+        match message:
+            case _Sequence(aggregate_id, reply_to):
+                reply_to.send(outcome.capture(log.sequence, aggregate_id))
+            case _Read(aggregate_id, start_from, reply_to):
+                reply_to.send(outcome.capture(log.read, aggregate_id, start_from))
+            case _Commit(tx, reply_to):
+                reply_to.send(outcome.capture(commit, tx))
+            case _LoadSnapshot(aggregate_id, reply_to):
+                reply_to.send(outcome.Value(log.snapshots.get(aggregate_id)))
+            case _:
+                raise EventStoreError(f"memory store actor {name.label!r} got {message!r}")
+
+
+@final
+@attrs.define(eq=False)
+class SupervisedMemoryStore(Generic[EventT, EntityT]):
+    """A memory store whose reads and commits are messages to two supervised actors.
+
+    Every call waits at most ``call_timeout`` for the actor's reply, then raises
+    ``ActorTimeout``. Events commit before snapshots; a snapshot is derived data, so a
+    crash between the two loses nothing that matters.
+    """
+
+    events_name: Name[Any]
+    snapshot_name: Name[Any]
+    call_timeout: Timeout = Timeout(5000)
+
+    async def _call(self, name: Name[Any], make: Any) -> Any:
+        reply: Subject[Any] = new_subject(capacity=1, label=f"reply from {name.label}")
+        named_subject(name).send(make(reply))
+        return await receive(reply, self.call_timeout)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[MemoryTransaction[EventT, EntityT]]:
+        tx: MemoryTransaction[EventT, EntityT] = MemoryTransaction()
+        yield tx
+        if tx.appends:
+            await self._call(self.events_name, lambda r: _Commit(tx, r))
+        if tx.snapshots:
+            await self._call(self.snapshot_name, lambda r: _Commit(tx, r))
+
+    async def load_events(
+        self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str, start_from: int
+    ) -> list[MemoryStoreEventEnvelope[EventT]]:
+        stored = await self._call(self.events_name, lambda r: _Read(aggregate_id, start_from, r))
+        return _with_pending(stored, tx, aggregate_id, start_from)
+
+    async def commit_events(
+        self,
+        tx: MemoryTransaction[EventT, EntityT],
+        aggregate: Aggregate[EntityT],
+        events: Sequence[EventT],
+        metadata: Metadata,
+    ) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
+        aggregate_id = aggregate.aggregate_id
+        stored = (
+            tx.expected[aggregate_id]
+            if aggregate_id in tx.expected
+            else await self._call(self.events_name, lambda r: _Sequence(aggregate_id, r))
+        )
+        return _stage(tx, stored, aggregate, events, metadata)
+
+    async def load_snapshot(
+        self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str
+    ) -> Snapshot[EntityT] | None:
+        pending = tx.snapshots.get(aggregate_id)
+        if pending is not None:
+            return pending
+        snapshot: Snapshot[EntityT] | None = await self._call(
+            self.snapshot_name, lambda r: _LoadSnapshot(aggregate_id, r)
+        )
+        return snapshot
+
+    async def save_snapshot(
+        self, tx: MemoryTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
+    ) -> None:
+        tx.snapshots[snapshot.aggregate_id] = snapshot
+
+
+def supervised(
+    events_name: Name[Any],
+    snapshot_name: Name[Any],
+    strategy: Strategy = Strategy.ONE_FOR_ONE,
+) -> tuple[SupervisedMemoryStore[Any, Any], ChildSpecification]:
+    """Build the seed's supervised memory store: two actors under one supervisor.
+
+    Returns the store and the child specification to start under your supervision tree;
+    the store's calls are answered once that supervisor runs.
+    """
+    log: _Log[Any, Any] = _Log()
+
+    async def events_actor(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await _serve(events_name, log, log.apply_events, task_status=task_status)
+
+    async def snapshot_actor(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await _serve(snapshot_name, log, log.apply_snapshots, task_status=task_status)
+
+    supervisor = (
+        StaticSupervisor(strategy, name="memory_store")
+        .add(worker(events_actor, name=events_name))
+        .add(worker(snapshot_actor, name=snapshot_name))
+    )
+    return SupervisedMemoryStore(events_name, snapshot_name), supervisor.supervised()
