@@ -1,10 +1,12 @@
 """The seed's bank account, on trio_es: commands, events, domain errors and a balance query.
 
-Run it with ``trio-es demo`` (or ``python examples/bank_account.py``).
+Run it with ``trio-es demo`` (or ``python examples/bank_account.py [DB]``): it keeps the
+accounts in a SQLite file, so a second run finds the first run's accounts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -12,6 +14,7 @@ from typing import Any, TypeAlias
 import attrs
 
 import trio_es
+from trio_es.serialization import Transcoder
 
 # Commands
 
@@ -115,6 +118,15 @@ def apply(account: BankAccount, event: BankAccountEvent) -> BankAccount:
     raise TypeError(f"not a bank account event: {event!r}")
 
 
+def transcoder() -> Transcoder:
+    """How the bank account's events and snapshots are stored: JSON, by name and version."""
+    codec = Transcoder()
+    for event in (AccountOpened, CustomerDepositedCash, CustomerWithdrewCash):
+        codec.register_event(event)
+    codec.register_entity(BankAccount)
+    return codec
+
+
 @attrs.define
 class Balances:
     """A read model: every account's balance, fed from committed events."""
@@ -155,7 +167,7 @@ async def demo(store: trio_es.EventStore[Any, Any, Any], out: Any = sys.stdout) 
         await es.execute("bob", OpenAccount("bob"))
         await es.execute("bob", DepositMoney(40))
         await es.execute("alice", WithDrawMoney(30))
-        say("alice: opened, deposited 100, withdrew 30; bob: opened, deposited 40")
+        say("opened alice and bob (a no-op for an open account); alice +100 -30, bob +40")
         try:
             await es.execute("bob", WithDrawMoney(1_000))
         except CantWithdrawMoreThanCurrentBalance as rejected:
@@ -176,9 +188,30 @@ async def demo(store: trio_es.EventStore[Any, Any, Any], out: Any = sys.stdout) 
     return balances
 
 
+async def demo_on_sqlite(path: str | os.PathLike[str], out: Any = sys.stdout) -> None:
+    """Run :func:`demo` on a SQLite file, then reopen the file to show the state survived."""
+    from trio_es.sqlite_store import SqliteStore
+
+    print(f"bank accounts in {os.fspath(path)!r} (SQLite, synchronous=FULL)", file=out)
+    async with SqliteStore.open(path, transcoder=transcoder()) as store:
+        await demo(store, out)
+    print("closed the store; reopening it as a restarted program would:", file=out)
+    async with (
+        SqliteStore.open(path, transcoder=transcoder()) as store,
+        trio_es.open_eventsourcing(
+            eventstore=store, handle=handle, apply=apply, empty_state=EMPTY
+        ) as es,
+    ):
+        for account_id in ("alice", "bob"):
+            account = await es.load_aggregate(account_id)
+            print(
+                f"  {account_id}: balance {account.entity.balance}, "
+                f"{account.sequence} events, reloaded from disk",
+                file=out,
+            )
+
+
 if __name__ == "__main__":
     import trio
 
-    from trio_es.memory_store import MemoryStore
-
-    trio.run(demo, MemoryStore())
+    trio.run(demo_on_sqlite, sys.argv[1] if len(sys.argv) > 1 else "bank_account.db")

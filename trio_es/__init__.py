@@ -64,6 +64,7 @@ from ._types import Reply as Reply
 from ._types import SerializedEventEnvelope as SerializedEventEnvelope
 from ._types import Snapshot as Snapshot
 from ._types import SnapshotConfig as SnapshotConfig
+from ._types import StoredEvent as StoredEvent
 from ._types import SystemStats as SystemStats
 from ._validated import Frequency as Frequency
 from ._validated import Timeout as Timeout

@@ -35,11 +35,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the chosen command."""
     parser = argparse.ArgumentParser(prog="trio-es", description="Event sourcing for Trio.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run the bank account example and print what happened")
+    demo = commands.add_parser(
+        "demo", help="run the bank account example on a SQLite file and print what happened"
+    )
+    place = demo.add_mutually_exclusive_group()
+    place.add_argument(
+        "--db",
+        default="trio_es_demo.db",
+        help="the SQLite file to keep the accounts in (default: %(default)s); run the "
+        "demo twice to see the first run's accounts come back",
+    )
+    place.add_argument("--memory", action="store_true", help="keep the accounts in memory")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .memory_store import MemoryStore
-
         example = load_example()
-        trio.run(example.demo, MemoryStore())
+        if args.memory:
+            from .memory_store import MemoryStore
+
+            trio.run(example.demo, MemoryStore())
+        else:
+            trio.run(example.demo_on_sqlite, args.db)
     return 0

@@ -17,7 +17,8 @@ import trio
 from ._errors import ConcurrencyConflict, EventStoreError
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
-from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot
+from ._store import check_read_all
+from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot, StoredEvent, utc_now
 from ._validated import Timeout
 
 __all__ = ["MemoryStore", "MemoryTransaction", "SupervisedMemoryStore", "supervised"]
@@ -44,6 +45,8 @@ class _Log(Generic[EventT, EntityT]):
 
     events: dict[str, list[MemoryStoreEventEnvelope[EventT]]] = attrs.Factory(dict)
     snapshots: dict[str, Snapshot[EntityT]] = attrs.Factory(dict)
+    #: Every event in commit order; event at global position p sits at index p - 1.
+    log: list[StoredEvent[EventT]] = attrs.Factory(list)
 
     def sequence(self, aggregate_id: str) -> int:
         stream = self.events.get(aggregate_id)
@@ -61,8 +64,13 @@ class _Log(Generic[EventT, EntityT]):
                 raise ConcurrencyConflict(
                     aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
                 )
+        now = utc_now()
         for aggregate_id, envelopes in tx.appends.items():
             self.events.setdefault(aggregate_id, []).extend(envelopes)
+            base = len(self.log)
+            self.log.extend(
+                StoredEvent(base + i, envelope, now) for i, envelope in enumerate(envelopes, 1)
+            )
 
     def apply_snapshots(self, tx: MemoryTransaction[EventT, EntityT]) -> None:
         self.snapshots.update(tx.snapshots)
@@ -153,6 +161,16 @@ class MemoryStore(Generic[EventT, EntityT]):
         self, tx: MemoryTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
     ) -> None:
         tx.snapshots[snapshot.aggregate_id] = snapshot
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> list[StoredEvent[EventT]]:
+        """Up to ``limit`` committed events after ``after_position``, in commit order.
+
+        Positions start at 1 and have no gaps: a rolled-back transaction takes none.
+        """
+        after_position, limit = check_read_all(after_position, limit)
+        return self._log.log[after_position : after_position + limit]
 
 
 # The supervised variant, as in the seed: an events actor and a snapshot actor under a

@@ -392,7 +392,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
     async def _events(self, start_from: int) -> list[EventEnvelope[EventT]]:
         store = self.rt.store
         async with store.transaction() as tx:
-            return await store.load_events(tx, self.aggregate_id, start_from)
+            return list(await store.load_events(tx, self.aggregate_id, start_from))
 
     async def _snapshot(self) -> Snapshot[EntityT] | None:
         store = self.rt.store
@@ -448,7 +448,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
 
     async def _commit(
         self, events: Sequence[EventT], metadata: Metadata, entity: EntityT
-    ) -> tuple[list[EventEnvelope[EventT]], int]:
+    ) -> tuple[Sequence[EventEnvelope[EventT]], int]:
         """Commit the events, and a snapshot when the commit reaches a multiple of n."""
         store = self.rt.store
         every = self.rt.snapshot_every

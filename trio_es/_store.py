@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 from ._types import Aggregate, EventEnvelope, Metadata, Snapshot
 
-__all__ = ["EventStore"]
+__all__ = ["EventStore", "check_read_all"]
 
 TxT = TypeVar("TxT")
 EventT = TypeVar("EventT")
@@ -40,7 +40,7 @@ class EventStore(Protocol[TxT, EventT, EntityT]):
 
     async def load_events(
         self, tx: TxT, aggregate_id: str, start_from: int
-    ) -> list[EventEnvelope[EventT]]:
+    ) -> Sequence[EventEnvelope[EventT]]:
         """The aggregate's events with ``sequence > start_from``, in sequence order."""
         ...
 
@@ -50,7 +50,7 @@ class EventStore(Protocol[TxT, EventT, EntityT]):
         aggregate: Aggregate[EntityT],
         events: Sequence[EventT],
         metadata: Metadata,
-    ) -> tuple[list[EventEnvelope[EventT]], int]:
+    ) -> tuple[Sequence[EventEnvelope[EventT]], int]:
         """Append ``events`` after ``aggregate.sequence``; return their envelopes, new sequence.
 
         Optimistic concurrency: the write is refused with ``ConcurrencyConflict`` when the
@@ -66,3 +66,20 @@ class EventStore(Protocol[TxT, EventT, EntityT]):
     async def save_snapshot(self, tx: TxT, snapshot: Snapshot[EntityT]) -> None:
         """Keep ``snapshot`` as the aggregate's latest (it replaces an older one)."""
         ...
+
+
+def check_read_all(after_position: object, limit: object) -> tuple[int, int]:
+    """Validate ``read_all`` arguments: ``after_position >= 0`` and ``limit >= 1`` ints.
+
+    Raises:
+        ValueError: either is not an int in range.
+    """
+    if (
+        isinstance(after_position, bool)
+        or not isinstance(after_position, int)
+        or after_position < 0
+    ):
+        raise ValueError(f"after_position must be an int >= 0 (got {after_position!r})")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1 (got {limit!r})")
+    return after_position, limit

@@ -36,6 +36,7 @@ __all__ = [
     "SerializedEventEnvelope",
     "Snapshot",
     "SnapshotConfig",
+    "StoredEvent",
     "SystemStats",
     "check_aggregate_id",
     "metadata_tuple",
@@ -148,6 +149,22 @@ class SerializedEventEnvelope(Generic[EventT]):
 
 #: Either kind of stored event.
 EventEnvelope: TypeAlias = MemoryStoreEventEnvelope[EventT] | SerializedEventEnvelope[EventT]
+
+
+@final
+@attrs.frozen
+class StoredEvent(Generic[EventT]):
+    """An event as a store's ``read_all`` returns it: its place in the whole log, and when.
+
+    Attributes:
+        global_position: increases in commit order across every aggregate of the table.
+        envelope: the event with its aggregate, sequence, metadata and type information.
+        recorded_at: when it was committed (aware, UTC).
+    """
+
+    global_position: int
+    envelope: EventEnvelope[EventT]
+    recorded_at: datetime.datetime
 
 
 @final

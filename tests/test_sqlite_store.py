@@ -1,0 +1,641 @@
+"""The SQLite store: the shared conformance suite, then faults, bad input and concurrency.
+
+Every test uses real SQLite files under ``tmp_path``; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import math
+import os
+import random
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from trio_es import (
+    Aggregate,
+    ConcurrencyConflict,
+    EventStoreError,
+    SnapshotConfig,
+    TransactionFailed,
+    frequency,
+    open_eventsourcing,
+)
+from trio_es import _sqlite_store as _sqlite
+from trio_es._sql import EventRow
+from trio_es._sqlite_store import _Commit
+from trio_es._types import Snapshot, utc_now
+from trio_es.sqlite_store import SqliteStore, StoredEvent
+from trio_es.testing import Added, Counter, EventStoreConformance, conformance_transcoder
+
+from . import _bank
+
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+ACCOUNTS = ["acc-a", "acc-b", "acc-c"]
+
+
+class TestSqliteStoreConformance(EventStoreConformance):
+    """SqliteStore passes the shared store suite, read_all and serialization included."""
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[SqliteStore[Any, Any]]:
+        """A fresh store in a new file."""
+        async with SqliteStore.open(
+            tmp_path / "store.db", transcoder=conformance_transcoder()
+        ) as s:
+            yield s
+
+
+def _open(path: Path, **options: Any) -> Any:
+    return SqliteStore.open(
+        path, transcoder=options.pop("transcoder", conformance_transcoder()), **options
+    )
+
+
+async def _commit(store: Any, aggregate_id: str, sequence: int, events: list[Any]) -> int:
+    async with store.transaction() as tx:
+        _, new_sequence = await store.commit_events(
+            tx, Aggregate(aggregate_id, Counter(), sequence), events, ()
+        )
+    return int(new_sequence)
+
+
+async def _load(store: Any, aggregate_id: str) -> list[Any]:
+    async with store.transaction() as tx:
+        return list(await store.load_events(tx, aggregate_id, 0))
+
+
+async def _read_everything(store: Any) -> list[StoredEvent[Any]]:
+    stored: list[StoredEvent[Any]] = []
+    while page := await store.read_all(stored[-1].global_position if stored else 0, 500):
+        stored.extend(page)
+    return stored
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None, timeout=5)
+
+
+@pytest.fixture
+def raw_connections() -> Iterator[list[sqlite3.Connection]]:
+    """Raw sqlite3 connections a test opens; closed (rolling back) at teardown."""
+    connections: list[sqlite3.Connection] = []
+    yield connections
+    for connection in connections:
+        connection.close()
+
+
+# -- opening --
+
+
+async def test_open_creates_schema_once_and_reopens(tmp_path: Path) -> None:
+    """Opening creates the tables in WAL mode with schema version 1; reopening keeps the data."""
+    path = tmp_path / "store.db"
+    async with _open(path) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+    async with _open(path) as store:
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+    with _raw(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert raw.execute("SELECT * FROM trio_es_schema_version").fetchall() == [
+            ("events", "snapshots", 1)
+        ]
+    raw.close()
+
+
+async def test_durability_pragmas_are_applied(tmp_path: Path) -> None:
+    """The writer runs with synchronous=FULL by default and the configured value otherwise."""
+    async with _open(tmp_path / "a.db") as store:
+        assert store._writer.raw.execute("PRAGMA synchronous").fetchone() == (2,)
+    async with _open(tmp_path / "b.db", synchronous="normal") as store:
+        assert store._writer.raw.execute("PRAGMA synchronous").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"events_table": "events; DROP TABLE x"}, "events_table"),
+        ({"events_table": "1events"}, "events_table"),
+        ({"snapshots_table": "s" * 64}, "snapshots_table"),
+        ({"snapshots_table": "snap-shots"}, "snapshots_table"),
+        ({"events_table": "same", "snapshots_table": "SAME"}, "different tables"),
+        ({"synchronous": "SOMETIMES"}, "synchronous"),
+        ({"busy_timeout_ms": -1}, "busy_timeout_ms"),
+        ({"aggregate_type": ""}, "aggregate_type"),
+    ],
+)
+async def test_bad_options_are_refused(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    """Invalid table names and settings raise ValueError showing the value; no file is created."""
+    with pytest.raises(ValueError, match=message):
+        async with _open(tmp_path / "store.db", **options):
+            pass  # pragma: no cover
+    assert not (tmp_path / "store.db").exists()
+
+
+async def test_memory_database_is_refused() -> None:
+    """':memory:' is refused with a pointer to temporary files (two connections must share it)."""
+    with pytest.raises(ValueError, match="temporary directory"):
+        async with SqliteStore.open(":memory:", transcoder=conformance_transcoder()):
+            pass  # pragma: no cover
+
+
+async def test_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """Opening a file that is not SQLite raises a clear EventStoreError and leaves it untouched."""
+    path = tmp_path / "notes.txt"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(EventStoreError, match="is not a SQLite database"):
+        async with _open(path):
+            pass  # pragma: no cover
+    assert path.read_bytes() == content
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+async def test_foreign_table_with_the_same_name(tmp_path: Path) -> None:
+    """An existing non-trio_es table of the configured name is reported, not written to."""
+    path = tmp_path / "app.db"
+    with _raw(path) as raw:
+        raw.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, what TEXT)")
+        raw.execute("INSERT INTO events (what) VALUES ('mine')")
+    raw.close()
+    with pytest.raises(EventStoreError, match=r"'events' .* is not a trio_es table"):
+        async with _open(path):
+            pass  # pragma: no cover
+    async with _open(path, events_table="es_events") as store:
+        await _commit(store, "acc", 0, [Added(1)])
+    with _raw(path) as raw:
+        assert raw.execute("SELECT what FROM events").fetchall() == [("mine",)]
+    raw.close()
+
+
+async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    """Tables marked with a newer schema version are refused with the version numbers."""
+    path = tmp_path / "store.db"
+    async with _open(path):
+        pass
+    with _raw(path) as raw:
+        raw.execute("UPDATE trio_es_schema_version SET version = 2")
+    raw.close()
+    with pytest.raises(EventStoreError, match="schema version 2"):
+        async with _open(path):
+            pass  # pragma: no cover
+
+
+async def test_closed_store_and_finished_transactions_are_refused(tmp_path: Path) -> None:
+    """A closed store, an ended transaction and another store's transaction raise clear errors."""
+    async with _open(tmp_path / "a.db") as store, _open(tmp_path / "b.db") as other:
+        async with store.transaction() as tx:
+            pass
+        with pytest.raises(EventStoreError, match="already ended"):
+            await store.load_events(tx, "acc", 0)
+        async with other.transaction() as foreign:
+            with pytest.raises(EventStoreError, match="not a transaction of this store"):
+                await store.load_events(foreign, "acc", 0)
+    with pytest.raises(EventStoreError, match="closed"):
+        await _load(store, "acc")
+
+
+# -- bad data --
+
+
+async def _store_with_history(path: Path) -> None:
+    async with _open(path) as store:
+        await _commit(store, "acc", 0, [Added(1), Added(2), Added(3)])
+        await _commit(store, "other", 0, [Added(9)])
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("payload", "garbage{", "not valid JSON"),
+        ("payload", '{"amount": "lots"}', r"expected int @ \$\.amount"),
+        ("payload", "[1, 2]", "not a JSON object"),
+        ("payload", "__import__('os').system('false')", "not valid JSON"),
+        ("event_type", "Nope", "not registered; register it with Transcoder.register_event"),
+        ("event_version", 7, "version 7"),
+        ("metadata", '{"k": "v"}', "metadata at sequence 2"),
+    ],
+)
+async def test_corrupted_row_gives_a_clear_error(
+    tmp_path: Path, column: str, value: object, message: str
+) -> None:
+    """A corrupted event row fails loads with an error naming aggregate, sequence, type, version."""
+    path = tmp_path / "store.db"
+    await _store_with_history(path)
+    with _raw(path) as raw:
+        # ``column`` comes from the parametrize list above, never from input.
+        raw.execute(
+            f"UPDATE events SET {column} = ? WHERE aggregate_id = 'acc' AND sequence = 2", (value,)
+        )
+        before = raw.execute("SELECT * FROM events ORDER BY global_position").fetchall()
+    raw.close()
+    async with _open(path) as store:
+        with pytest.raises(EventStoreError, match=message) as info:
+            await _load(store, "acc")
+        text = str(info.value)
+        assert info.value.aggregate_id == "acc"
+        assert "'acc'" in text
+        assert "sequence 2" in text
+        if column != "metadata":
+            assert "version" in text
+        with pytest.raises(EventStoreError, match=message):
+            await store.read_all(0, 10)
+        # Other aggregates and the rows themselves are unaffected.
+        assert [e.payload for e in await _load(store, "other")] == [Added(9)]
+    with _raw(path) as raw:
+        assert raw.execute("SELECT * FROM events ORDER BY global_position").fetchall() == before
+    raw.close()
+
+
+async def test_corrupted_snapshot_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot that cannot be decoded loads as None with a warning, never an error."""
+    path = tmp_path / "store.db"
+    async with _open(path) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        async with store.transaction() as tx:
+            await store.save_snapshot(tx, Snapshot("acc", Counter(1), 1, utc_now()))
+    with _raw(path) as raw:
+        raw.execute("UPDATE snapshots SET payload = 'not json'")
+    raw.close()
+    async with _open(path) as store:
+        with caplog.at_level(logging.WARNING, logger="trio_es.serialization"):
+            async with store.transaction() as tx:
+                assert await store.load_snapshot(tx, "acc") is None
+        assert "ignoring the snapshot of aggregate 'acc'" in caplog.text
+
+
+@attrs.frozen
+class _Opaque:
+    """An event whose field holds any object, to hit values JSON cannot represent."""
+
+    value: Any
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (_Opaque(object()), "cannot encode event"),
+        (_Opaque(math.nan), "cannot encode event"),
+        (_Opaque("\ud800"), "cannot encode event"),
+    ],
+)
+async def test_unencodable_event_raises_before_anything_is_written(
+    tmp_path: Path, event: Any, message: str
+) -> None:
+    """An event JSON cannot hold raises in commit_events; the transaction's other writes commit."""
+    transcoder = conformance_transcoder()
+    transcoder.register_event(_Opaque)
+    async with _open(tmp_path / "store.db", transcoder=transcoder) as store:
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("ok", Counter(), 0), [Added(1)], ())
+            with pytest.raises(EventStoreError, match=message):
+                await store.commit_events(tx, Aggregate("bad", Counter(), 0), [Added(2), event], ())
+        assert [e.payload for e in await _load(store, "ok")] == [Added(1)]
+        assert await _load(store, "bad") == []
+        assert [s.envelope.aggregate_id for s in await store.read_all(0, 10)] == ["ok"]
+
+
+async def test_ids_and_metadata_that_text_columns_cannot_hold(tmp_path: Path) -> None:
+    """A lone surrogate in an aggregate id or metadata raises EventStoreError and writes nothing."""
+    async with _open(tmp_path / "store.db") as store:
+        with pytest.raises(EventStoreError, match="lone surrogate"):
+            await _commit(store, "bad\udc00id", 0, [Added(1)])
+        with pytest.raises(EventStoreError, match="metadata"):
+            async with store.transaction() as tx:
+                await store.commit_events(
+                    tx, Aggregate("acc", Counter(), 0), [Added(1)], (("k", "\ud800"),)
+                )
+        assert await store.read_all(0, 10) == []
+
+
+async def test_nul_characters_round_trip(tmp_path: Path) -> None:
+    """Ids and metadata with NUL characters are stored and found exactly (SQLite keeps them)."""
+    async with _open(tmp_path / "store.db") as store:
+        async with store.transaction() as tx:
+            await store.commit_events(
+                tx, Aggregate("a\x00b", Counter(), 0), [Added(1)], (("k\x00", "v\x00"),)
+            )
+        loaded = await _load(store, "a\x00b")
+        assert [(e.aggregate_id, e.metadata) for e in loaded] == [("a\x00b", (("k\x00", "v\x00"),))]
+        assert await _load(store, "a") == []
+
+
+# -- sharing a file --
+
+
+async def test_aggregate_types_share_tables_without_mixing(tmp_path: Path) -> None:
+    """Stores of different aggregate types in one file see only their own events and snapshots."""
+    path = tmp_path / "store.db"
+    async with (
+        _open(path, aggregate_type="orders") as orders,
+        _open(path, aggregate_type="users") as users,
+    ):
+        await _commit(orders, "id-1", 0, [Added(1)])
+        await _commit(users, "id-1", 0, [Added(2), Added(3)])
+        assert [e.payload for e in await _load(orders, "id-1")] == [Added(1)]
+        assert [e.aggregate_type for e in await _load(users, "id-1")] == ["users", "users"]
+        assert [s.envelope.payload for s in await orders.read_all(0, 10)] == [Added(1)]
+        assert len(await users.read_all(0, 10)) == 2
+
+
+async def test_two_stores_on_one_file_conflict_like_two_processes(tmp_path: Path) -> None:
+    """Two stores (separate connections) deciding on the same sequence: one wins, one conflicts."""
+    path = tmp_path / "store.db"
+    async with _open(path) as first, _open(path) as second:
+        await _commit(first, "acc", 0, [Added(1)])
+        await _commit(second, "acc", 1, [Added(2)])
+        with pytest.raises(ConcurrencyConflict) as info:
+            await _commit(first, "acc", 1, [Added(3)])
+        assert (info.value.expected_sequence, info.value.actual_sequence) == (1, 2)
+        assert [e.payload for e in await _load(first, "acc")] == [Added(1), Added(2)]
+
+
+async def test_locked_database_is_a_retryable_failure(
+    tmp_path: Path, raw_connections: list[sqlite3.Connection]
+) -> None:
+    """Under another connection's write lock, reads work and commits raise TransactionFailed."""
+    path = tmp_path / "store.db"
+    async with _open(path, busy_timeout_ms=100) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        blocker = _raw(path)
+        raw_connections.append(blocker)
+        blocker.execute("BEGIN IMMEDIATE")
+        # A transaction that only reads never asks for the write lock.
+        assert [e.sequence for e in await _load(store, "acc")] == [1]
+        start = trio.current_time()
+        with pytest.raises(TransactionFailed, match="busy_timeout_ms=100") as info:
+            await _commit(store, "acc", 1, [Added(2)])
+        assert not isinstance(info.value, ConcurrencyConflict)
+        assert trio.current_time() - start < 2
+        blocker.execute("ROLLBACK")
+        assert await _commit(store, "acc", 1, [Added(2)]) == 2
+
+
+async def test_unique_violation_becomes_a_concurrency_conflict(tmp_path: Path) -> None:
+    """An insert hitting the (type, id, sequence) key raises ConcurrencyConflict, writes nothing."""
+    async with _open(tmp_path / "store.db") as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        # A plan whose check passes but whose row collides: what a writer bypassing the
+        # check would cause. The store still reports a lost race, never a raw IntegrityError.
+        row = EventRow("acc", 1, "conformance.Added", 1, '{"amount":2}', "[]")
+        plan = _Commit(store._statements, "default", {"acc": 1}, [row], [], 100)
+        with pytest.raises(ConcurrencyConflict) as info:
+            await store._run(store._writer, functools.partial(_sqlite._commit, plan=plan), "test")
+        assert (info.value.aggregate_id, info.value.actual_sequence) == ("acc", 1)
+        assert not store._writer.raw.in_transaction
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+
+
+# -- cancellation --
+
+
+async def test_cancelling_a_commit_waiting_for_a_lock(
+    tmp_path: Path, raw_connections: list[sqlite3.Connection]
+) -> None:
+    """Cancelling a commit blocked by another writer returns at once, leaves no open transaction."""
+    path = tmp_path / "store.db"
+    async with _open(path, busy_timeout_ms=20_000) as store:
+        blocker = _raw(path)
+        raw_connections.append(blocker)
+        blocker.execute("BEGIN IMMEDIATE")
+        start = trio.current_time()
+        with trio.move_on_after(0.3) as scope:
+            await _commit(store, "acc", 0, [Added(1)])
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 2
+        assert not store._writer.raw.in_transaction
+        blocker.execute("ROLLBACK")
+        # No lock is left behind: another connection gets the write lock at once.
+        probe = _raw(path)
+        raw_connections.append(probe)
+        probe.execute("PRAGMA busy_timeout = 0")
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        assert await _load(store, "acc") == []
+        assert await _commit(store, "acc", 0, [Added(1)]) == 1
+
+
+async def test_cancelling_a_running_query_interrupts_it(tmp_path: Path) -> None:
+    """Cancelling a long-running statement interrupts it in SQLite and the store stays usable."""
+    async with _open(tmp_path / "store.db") as store:
+
+        def endless(connection: sqlite3.Connection, _: object) -> Any:
+            return connection.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                "SELECT count(*) FROM n"
+            ).fetchall()
+
+        start = trio.current_time()
+        with trio.move_on_after(0.2) as scope:
+            await store._reader.run(endless)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start < 2
+        await _commit(store, "acc", 0, [Added(1)])
+        assert len(await _load(store, "acc")) == 1
+
+
+# -- the runtime on top --
+
+
+async def test_runtime_end_to_end_survives_reopening(tmp_path: Path) -> None:
+    """Commands through open_eventsourcing are durable: a reopened system sees the same state."""
+    path = tmp_path / "bank.db"
+
+    async def run(commands: list[Any]) -> Any:
+        async with (
+            SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store,
+            open_eventsourcing(
+                eventstore=store,
+                handle=_bank.handle,
+                apply=_bank.apply,
+                empty_state=_bank.Account(),
+                snapshot_config=SnapshotConfig(frequency(3)),
+            ) as es,
+        ):
+            for command in commands:
+                await es.execute("acc", command, [("by", "test")])
+            return await es.load_aggregate("acc"), await es.latest_snapshot("acc")
+
+    await run([_bank.OpenAccount("ann"), _bank.Deposit(50), _bank.Withdraw(20)])
+    aggregate, snapshot = await run([_bank.Deposit(5)])
+    assert (aggregate.entity.balance, aggregate.sequence) == (35, 4)
+    assert snapshot is not None
+    assert (snapshot.sequence, snapshot.entity.balance) == (3, 30)
+
+
+# -- several processes --
+
+
+def _acks(log_paths: list[Path]) -> list[dict[str, str]]:
+    return [
+        json.loads(line)
+        for path in log_paths
+        if path.exists()
+        for line in path.read_text().splitlines()
+    ]
+
+
+def _check_ledger(stored: list[StoredEvent[Any]]) -> dict[str, list[Any]]:
+    """Check every account's stream; return the events grouped by command id."""
+    streams: dict[str, list[Any]] = collections.defaultdict(list)
+    by_command: dict[str, list[Any]] = collections.defaultdict(list)
+    for item in stored:
+        streams[item.envelope.aggregate_id].append(item.envelope)
+        by_command[dict(item.envelope.metadata).get("command_id", "")].append(item.envelope)
+    for account, stream in streams.items():
+        assert [e.sequence for e in stream] == list(range(1, len(stream) + 1)), account
+        entity = _bank.Account()
+        for envelope in stream:
+            entity = _bank.apply(entity, envelope.payload)
+            if not isinstance(envelope.payload, _bank.AccountOpened):
+                # Each event records the balance its command was decided on: equal to the
+                # replay means no command ever acted on stale state.
+                assert envelope.payload.balance == entity.balance, (account, envelope.sequence)
+            assert entity.balance >= 0, (account, envelope.sequence)
+    return by_command
+
+
+async def _integrity_ok(path: Path) -> None:
+    def check() -> list[Any]:
+        with _raw(path) as raw:
+            result = raw.execute("PRAGMA integrity_check").fetchall()
+        raw.close()
+        return result
+
+    assert await trio.to_thread.run_sync(check) == [("ok",)]
+
+
+async def _seed_accounts(path: Path) -> None:
+    async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
+        for account in ACCOUNTS:
+            async with store.transaction() as tx:
+                await store.commit_events(
+                    tx,
+                    Aggregate(account, _bank.Account(), 0),
+                    [_bank.AccountOpened("bank"), _bank.MoneyDeposited(1000, 1000)],
+                    (("command_id", "seed"),),
+                )
+
+
+def _worker(mode: str, db: Path, log: Path, worker: int, commands: int) -> list[str]:
+    return [
+        sys.executable,
+        str(WORKER),
+        mode,
+        str(db),
+        str(log),
+        str(worker),
+        str(worker * 7919),
+        str(commands),
+        *ACCOUNTS,
+    ]
+
+
+async def test_processes_share_one_file(tmp_path: Path) -> None:
+    """Three runtime processes and a transfer process on one file: contiguous, complete, >= 0."""
+    path = tmp_path / "bank.db"
+    logs = [tmp_path / f"worker-{n}.log" for n in range(4)]
+    modes = ["runtime", "runtime", "runtime", "transfer"]
+    results: list[Any] = []
+
+    async def run(number: int) -> None:
+        command = _worker(modes[number], path, logs[number], number, 120)
+        results.append(await trio.run_process(command, check=False, capture_stderr=True))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for number in range(4):
+                nursery.start_soon(run, number)
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [
+        r.stderr.decode()[-2000:] for r in results
+    ]
+
+    async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
+        stored = await _read_everything(store)
+        by_command = _check_ledger(stored)
+        acks = _acks(logs)
+        done = {ack["id"]: ack for ack in acks if ack["result"] == "ok"}
+        # Every acknowledged command is stored once per event it made, and nothing else is.
+        assert set(by_command) == set(done)
+        for command_id, envelopes in by_command.items():
+            assert len(envelopes) == (2 if command_id.startswith("3-") else 1), command_id
+        opened = [ack["account"] for ack in acks if "-open-" in ack["id"] and ack["result"] == "ok"]
+        assert sorted(opened) == ACCOUNTS
+        # Snapshots the runtimes saved agree with the replay of the events.
+        for account in ACCOUNTS:
+            async with store.transaction() as tx:
+                snapshot = await store.load_snapshot(tx, account)
+                events = await store.load_events(tx, account, 0)
+            if snapshot is not None:
+                entity = _bank.Account()
+                for envelope in events[: snapshot.sequence]:
+                    entity = _bank.apply(entity, envelope.payload)
+                assert snapshot.entity == entity
+    await _integrity_ok(path)
+
+
+async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path) -> None:
+    """Writers SIGKILLed at random moments lose no acknowledged transfer and half-write none."""
+    path = tmp_path / "bank.db"
+    await _seed_accounts(path)
+    rng = random.Random(20240229)
+    logs: list[Path] = []
+    for round_number in range(4):
+        processes = []
+        round_logs = [tmp_path / f"round-{round_number}-{n}.log" for n in range(2)]
+        logs.extend(round_logs)
+        for number, log in enumerate(round_logs):
+            worker = round_number * 10 + number + 1
+            processes.append(
+                await trio.lowlevel.open_process(_worker("transfer", path, log, worker, 100_000))
+            )
+        try:
+            with trio.fail_after(20):
+                # Polling files another process writes: no Trio event can signal it.
+                while not all(log.exists() and log.stat().st_size for log in round_logs):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            for process in processes:
+                await trio.sleep(rng.uniform(0.05, 0.4))
+                process.kill()
+        finally:
+            for process in processes:
+                process.kill()
+                with trio.move_on_after(10, shield=True):
+                    await process.wait()
+        assert all(p.returncode == -9 for p in processes)
+
+        await _integrity_ok(path)
+        async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
+            stored = await _read_everything(store)
+        by_command = _check_ledger(stored)
+        transfers = {k: v for k, v in by_command.items() if k != "seed"}
+        done = {ack["id"] for ack in _acks(logs) if ack["result"] == "ok"}
+        assert done <= set(transfers), sorted(done - set(transfers))[:5]
+        for command_id, envelopes in transfers.items():
+            assert len(envelopes) == 2, command_id
+            deposited, withdrawn = sorted(envelopes, key=lambda e: type(e.payload).__name__)
+            assert isinstance(withdrawn.payload, _bank.MoneyWithdrawn), command_id
+            assert isinstance(deposited.payload, _bank.MoneyDeposited), command_id
+            assert withdrawn.payload.amount == deposited.payload.amount
+            assert withdrawn.aggregate_id != deposited.aggregate_id
+        # Atomic transfers conserve money.
+        accounts: dict[str, _bank.Account] = collections.defaultdict(_bank.Account)
+        for item in stored:
+            account = accounts[item.envelope.aggregate_id]
+            accounts[item.envelope.aggregate_id] = _bank.apply(account, item.envelope.payload)
+        assert sum(a.balance for a in accounts.values()) == 1000 * len(ACCOUNTS)
+        assert len(transfers) >= len(done) > 0

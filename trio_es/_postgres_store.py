@@ -1,0 +1,1065 @@
+"""The PostgreSQL event store: several processes, on several machines, share one database.
+
+How it talks to PostgreSQL: psycopg 3 connections are blocking, so every database call
+runs in a worker thread (``trio.to_thread.run_sync``). The store keeps a small pool of
+connections, each with its own ``CapacityLimiter(1)``: at most one thread ever uses a
+connection, and a task that takes a connection whose previous (cancelled) call is still
+finishing waits for that thread first.
+
+A thread hop costs far more than the Python around it, so a transaction makes at most
+one hop to write: ``commit_events`` and ``save_snapshot`` only encode and buffer (a
+serialization error is raised right there), and leaving the ``async with`` block runs
+BEGIN, the optimistic-concurrency checks, the snapshot upserts, the inserts and COMMIT
+in a single thread call. Each read is one hop and sees the latest committed data plus
+the transaction's own buffered writes; a transaction that only reads writes nothing.
+
+Commit order: every transaction that inserts events takes one transaction-scoped
+advisory lock per events table just before its INSERT and holds it to COMMIT, so
+``global_position`` values are drawn and made visible in one serial order. That is what
+lets a reader page through :meth:`PostgresStore.read_all` without ever skipping an event
+(see :meth:`PostgresStore.read_all` for the argument).
+
+Cancellation: a cancelled call asks the server to cancel the running statement
+(``Connection.cancel_safe``), lets the thread finish and roll back, and only then lets
+``trio.Cancelled`` through, with the connection back in the pool, idle. A commit that had
+already reached COMMIT stays committed, as with any cancelled I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, Generic, TypeVar, final
+
+import attrs
+import psycopg
+import psycopg.errors
+import trio
+from psycopg.pq import TransactionStatus
+
+from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._serialization import Transcoder
+from ._sql import (
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    SNAPSHOT_COLUMNS,
+    Dialect,
+    EventRow,
+    PendingWrites,
+    SnapshotRow,
+    Statements,
+    StoredEvent,
+    check_aggregate_type,
+    check_read_all,
+    check_text,
+    decode_event_row,
+    decode_snapshot_row,
+    parse_utc,
+)
+from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+
+__all__ = ["PostgresStore", "PostgresTransaction"]
+
+logger: Final = logging.getLogger("trio_es.postgres_store")
+
+EventT = TypeVar("EventT")
+EntityT = TypeVar("EntityT")
+T = TypeVar("T")
+
+#: How long (seconds) cleanup after a cancellation may take before the connection is dropped.
+_CLEANUP_SECONDS: Final = 10.0
+#: How long (seconds) the cancel request to the server may take.
+_CANCEL_SECONDS: Final = 5.0
+#: How often (seconds) a cancel request is repeated while a cancelled call still runs.
+_CANCEL_RETRY_SECONDS: Final = 0.5
+#: libpq's ``connect_timeout`` (whole seconds).
+_CONNECT_SECONDS: Final = 10
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class _CallState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+
+
+class _Interrupted(Exception):
+    """Internal: a worker thread stopped early because the calling task was cancelled."""
+
+
+@attrs.define(eq=False)
+class _Call:
+    """One thread call, shared by the worker thread and the Trio side.
+
+    ``state`` tells the Trio side whether a statement may be running (so whether to
+    send the server a cancel request); ``interrupted`` tells the thread to start no
+    further statement. Both change under ``lock``.
+    """
+
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    state: _CallState = _CallState.PENDING
+    interrupted: bool = False
+
+    def checkpoint(self) -> None:
+        """Raise ``_Interrupted`` if the caller was cancelled; call between statements.
+
+        A cancel request only stops the statement running when it arrives; one that
+        lands between two statements would be lost without this.
+        """
+        if self.interrupted:
+            raise _Interrupted
+
+
+#: What runs in a worker thread: ``fn(connection, call)``.
+CallFn = Callable[[Connection, _Call], T]
+
+
+class _CommitOutcomeUnknown(Exception):
+    """The connection broke after COMMIT was sent: the commit may or may not have happened."""
+
+
+@attrs.define(eq=False)
+class _PooledConnection:
+    """One psycopg connection and the limiter that keeps it to one thread at a time."""
+
+    raw: Connection
+    reused: bool = False
+    limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
+    # Guards ``busy`` and ``discarded`` between the worker thread and the Trio thread, so
+    # exactly one of them closes a discarded connection.
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    busy: bool = False
+    discarded: bool = False
+
+    def usable(self) -> bool:
+        """Whether the connection can go back to the pool: open, idle, not given up on."""
+        raw = self.raw
+        return (
+            not self.discarded
+            and not raw.closed
+            and raw.info.transaction_status == TransactionStatus.IDLE
+        )
+
+    def discard(self) -> None:
+        """Give up on the connection; it is closed now, or by its thread when that ends."""
+        with self.lock:
+            self.discarded = True
+            if self.busy:
+                return
+        _close_quietly(self.raw)
+
+    # -- worker thread side --
+
+    def _execute(self, fn: CallFn[T], call: _Call) -> T:
+        with call.lock:
+            if call.state is _CallState.SKIPPED:
+                raise _Interrupted
+            call.state = _CallState.RUNNING
+        with self.lock:
+            self.busy = True
+        try:
+            return fn(self.raw, call)
+        finally:
+            self._tidy()
+            with call.lock:
+                call.state = _CallState.DONE
+            with self.lock:
+                self.busy = False
+                close = self.discarded
+            if close:
+                _close_quietly(self.raw)
+
+    def _tidy(self) -> None:
+        """Leave the connection idle: roll back whatever the call left open."""
+        raw = self.raw
+        # A cancel request that arrives late can hit the ROLLBACK itself; try twice.
+        for _ in range(2):
+            if raw.closed or raw.info.transaction_status == TransactionStatus.IDLE:
+                return
+            try:
+                raw.rollback()
+            except psycopg.Error:
+                continue
+        if not raw.closed and raw.info.transaction_status != TransactionStatus.IDLE:
+            with self.lock:
+                self.discarded = True
+
+    def _cancel_statement(self) -> None:
+        try:
+            self.raw.cancel_safe(timeout=_CANCEL_SECONDS)
+        except psycopg.Error as error:
+            logger.warning("could not cancel a PostgreSQL statement: %s", error)
+
+    # -- Trio side --
+
+    async def run(self, fn: CallFn[T]) -> T:
+        """Run ``fn(connection, call)`` in a worker thread.
+
+        On cancellation the server is asked to cancel the running statement, the thread
+        is told to start no other, and it is left to finish (rolling back); only then
+        does ``Cancelled`` propagate, with the connection idle for the next user. If
+        that takes longer than ``_CLEANUP_SECONDS`` the connection is discarded instead.
+        """
+        call = _Call()
+        try:
+            return await trio.to_thread.run_sync(
+                self._execute,
+                fn,
+                call,
+                limiter=self.limiter,
+                abandon_on_cancel=True,
+                thread_name="trio_es postgres",
+            )
+        except trio.Cancelled:
+            with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
+                await self._stop(call)
+            if scope.cancelled_caught:
+                logger.warning("a cancelled PostgreSQL call did not stop; dropping its connection")
+                self.discard()
+            raise
+
+    async def _stop(self, call: _Call) -> None:
+        with call.lock:
+            call.interrupted = True
+            if call.state is _CallState.PENDING:
+                call.state = _CallState.SKIPPED
+        # The limiter is released once the abandoned thread has returned; from then on
+        # nothing touches the connection. Until then, cancel whatever statement runs:
+        # a request that reached the server between two statements was ignored.
+        while True:
+            with call.lock:
+                running = call.state is _CallState.RUNNING
+            if running:
+                await trio.to_thread.run_sync(self._cancel_statement, abandon_on_cancel=True)
+            with trio.move_on_after(_CANCEL_RETRY_SECONDS):
+                async with self.limiter:
+                    return
+
+
+def _close_quietly(raw: Connection) -> None:
+    try:
+        raw.close()
+    except Exception as error:  # closing must never raise into cleanup code
+        logger.debug("error closing a PostgreSQL connection: %s", error)
+
+
+@attrs.define(eq=False)
+class _Handoff:
+    """Hands a connection made in an abandoned thread back, or closes it if nobody waits."""
+
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    abandoned: bool = False
+    raw: Connection | None = None
+
+    def connect(self, conninfo: str) -> Connection:
+        # Autocommit: a read is one statement and needs no BEGIN/COMMIT round trips; a
+        # commit sends its own BEGIN. Settings given in the DSN win over these defaults.
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+        defaults: dict[str, Any] = {
+            "connect_timeout": _CONNECT_SECONDS,
+            "application_name": "trio_es",
+        }
+        raw: Connection = psycopg.connect(
+            conninfo,
+            autocommit=True,
+            **{key: value for key, value in defaults.items() if key not in params},
+        )
+        with self.lock:
+            if not self.abandoned:
+                self.raw = raw
+                return raw
+        _close_quietly(raw)
+        return raw
+
+    def abandon(self) -> None:
+        with self.lock:
+            self.abandoned = True
+            raw, self.raw = self.raw, None
+        if raw is not None:
+            _close_quietly(raw)
+
+
+def _describe_server(conninfo: str) -> str:
+    """``host:port/dbname`` of a DSN, without the password, for error messages."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<unparsable DSN>"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
+
+
+@attrs.define(eq=False)
+class _Pool:
+    """Up to ``size`` connections, made on demand, each used by one task at a time.
+
+    Waiting for a free connection is an ordinary Trio wait (cancellable). A connection
+    that broke (server restart, terminated backend) is dropped and replaced on demand.
+
+    Why not ``psycopg_pool``: its ``getconn`` blocks a thread, so waiting for a
+    connection could not be cancelled from Trio without abandoning a thread that would
+    then hold a connection nobody returns; it runs its own maintenance threads and
+    checks, adding hops and threads to what is here a list and a semaphore; and its
+    reconnect logic would still need the per-connection limiter and cancel handling
+    below. What it offers beyond that (max lifetime, idle timeouts, health checks) a
+    short-lived autocommit connection used this way hardly needs.
+    """
+
+    conninfo: str = attrs.field(repr=False)  # may hold a password
+    size: int
+    _slots: trio.Semaphore = attrs.field(init=False)
+    _idle: list[_PooledConnection] = attrs.field(init=False, factory=list)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._slots = trio.Semaphore(self.size)
+
+    async def _connect(self) -> _PooledConnection:
+        handoff = _Handoff()
+        try:
+            raw = await trio.to_thread.run_sync(
+                handoff.connect, self.conninfo, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            handoff.abandon()
+            raise
+        except psycopg.Error as error:
+            raise TransactionFailed(
+                f"cannot connect to PostgreSQL at {_describe_server(self.conninfo)} "
+                f"({_first_line(error)}); check that the server is up and the DSN is right"
+            ) from error
+        return _PooledConnection(raw)
+
+    async def run(self, fn: CallFn[T]) -> T:
+        """Run ``fn(connection, call)`` on a pooled connection in a worker thread.
+
+        A reused connection found broken before anything was committed (the server
+        restarted since it was last used) is replaced and the call retried, so a server
+        restart costs callers nothing once the server is back.
+        """
+        if self._closed:
+            raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
+        async with self._slots:
+            if self._closed:
+                raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
+            attempts = 0
+            while True:
+                attempts += 1
+                conn = self._idle.pop() if self._idle else await self._connect()
+                try:
+                    return await conn.run(fn)
+                except psycopg.OperationalError:
+                    # Every idle connection may have died with the server: allow one retry
+                    # per pooled connection, then one on a fresh connection.
+                    if conn.reused and conn.raw.closed and attempts <= self.size:
+                        logger.info("replacing a broken PostgreSQL connection and retrying")
+                        continue
+                    raise
+                finally:
+                    if not self._closed and conn.usable():
+                        conn.reused = True
+                        self._idle.append(conn)
+                    else:
+                        conn.discard()
+
+    async def aclose(self) -> None:
+        """Close the idle connections; connections in use are closed when returned."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+
+        def close_all() -> None:
+            for conn in idle:
+                conn.discard()
+
+        # Closing sends a goodbye to the server: network I/O, so not in the Trio thread.
+        await trio.to_thread.run_sync(close_all, abandon_on_cancel=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# -- the store ---------------------------------------------------------------------------
+
+_DIALECT: Final = Dialect(
+    placeholder="%s",
+    # Identity columns default to CACHE 1, so values are handed out in the order the
+    # INSERTs run; the commit-order argument in read_all relies on that.
+    position_type="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    integer_type="BIGINT",
+    json_type="JSONB",
+    timestamp_type="TIMESTAMPTZ",
+    json_parameter="%s::jsonb",
+    # The transcoder decodes JSON text; jsonb would otherwise come back parsed.
+    json_result="{}::text",
+)
+
+#: Longest aggregate type (UTF-8 bytes): it is part of the unique btree key, whose entries
+#: must fit in about 2.7 kB after compression, and aggregate ids need the room.
+MAX_AGGREGATE_TYPE_BYTES: Final = 255
+
+# Serializes schema creation between processes opening a new database at once: plain
+# CREATE TABLE IF NOT EXISTS races with itself in PostgreSQL.
+_SETUP_LOCK_KEY: Final = 0x7472696F5F6573  # "trio_es"
+
+# An unescaped \u0000 in JSON text: preceded by an even number of backslashes.
+_JSON_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _commit_lock_key(events_table: str) -> int:
+    """The advisory-lock key that orders the commits of one events table.
+
+    Unquoted identifiers fold to lower case in PostgreSQL, so ``Events`` and ``events``
+    are one table and must share a key. Advisory locks are per database.
+    """
+    digest = hashlib.blake2b(f"trio_es commit {events_table.lower()}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def _check_key(value: object, what: str) -> str:
+    """``value`` if PostgreSQL text can hold it (a str, valid UTF-8, no NUL), else raise."""
+    text = check_text(value, what)
+    if "\x00" in text:
+        raise EventStoreError(
+            f"{what} {text!r:.80} contains a NUL character (\\x00), which PostgreSQL text "
+            "cannot hold; remove it from the id"
+        )
+    return text
+
+
+def _check_metadata(metadata: Metadata, aggregate_id: str) -> None:
+    for key, value in metadata:
+        if (isinstance(key, str) and "\x00" in key) or (isinstance(value, str) and "\x00" in value):
+            raise EventStoreError(
+                f"metadata pair ({key!r:.40}, {value!r:.40}) contains a NUL character (\\x00), "
+                "which PostgreSQL jsonb cannot hold; remove it",
+                aggregate_id=aggregate_id[:80],
+            )
+
+
+def _check_rows(events: Sequence[EventRow], snapshots: Sequence[SnapshotRow]) -> None:
+    """Refuse encoded rows that PostgreSQL cannot store, before anything is sent."""
+    for row in events:
+        if "\\u0000" in row.payload and _JSON_NUL.search(row.payload):
+            raise EventStoreError(
+                f"event {row.event_type!r:.80} version {row.event_version} at sequence "
+                f"{row.sequence} has a string containing a NUL character (\\x00), which "
+                "PostgreSQL jsonb cannot hold; remove it from the event",
+                aggregate_id=row.aggregate_id[:80],
+            )
+        if "\x00" in row.event_type:
+            raise EventStoreError(
+                f"event type name {row.event_type!r:.80} contains a NUL character (\\x00); "
+                "register the event class under a name without it",
+                aggregate_id=row.aggregate_id[:80],
+            )
+    for snapshot in snapshots:
+        if ("\\u0000" in snapshot.payload and _JSON_NUL.search(snapshot.payload)) or (
+            "\x00" in snapshot.entity_type
+        ):
+            raise EventStoreError(
+                f"the snapshot of entity {snapshot.entity_type!r:.80} at sequence "
+                f"{snapshot.sequence} contains a NUL character (\\x00), which PostgreSQL "
+                "cannot hold; remove it from the entity",
+                aggregate_id=snapshot.aggregate_id[:80],
+            )
+
+
+def _translate(error: psycopg.Error, *, doing: str, server: str) -> Exception:
+    """A psycopg error as the trio_es error callers handle, keeping PostgreSQL's words."""
+    said = _first_line(error)
+    if isinstance(error, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+        return TransactionFailed(
+            f"PostgreSQL aborted the transaction while {doing} ({said}); nothing was written, "
+            "retry it"
+        )
+    if isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return TransactionFailed(
+            f"PostgreSQL cancelled the statement while {doing} ({said}); nothing was written, "
+            "retry it or raise the server's statement_timeout/lock_timeout"
+        )
+    if isinstance(error, psycopg.OperationalError):
+        state = error.sqlstate
+        if state is None or state.startswith("08") or state.startswith("57P"):
+            return TransactionFailed(
+                f"lost the connection to PostgreSQL at {server} while {doing} ({said}); "
+                "nothing was committed, retry once the server is reachable"
+            )
+        return TransactionFailed(
+            f"PostgreSQL at {server} could not serve the request while {doing} ({said}); "
+            "nothing was written, retry it"
+        )
+    if isinstance(error, psycopg.errors.ReadOnlySqlTransaction):
+        return EventStoreError(
+            f"PostgreSQL at {server} is read-only ({said}) while {doing}; connect to the primary"
+        )
+    if isinstance(error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return EventStoreError(
+            f"a trio_es table at {server} is missing or altered ({said}) while {doing}; "
+            "reopen the store to create it"
+        )
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return EventStoreError(
+            f"PostgreSQL at {server} refused access ({said}) while {doing}; grant the user "
+            "rights on the trio_es tables"
+        )
+    return EventStoreError(f"PostgreSQL at {server} failed while {doing}: {said}")
+
+
+@attrs.frozen
+class _Commit:
+    """Everything the commit thread needs, so that it touches no shared state."""
+
+    statements: Statements
+    aggregate_type: str
+    lock_key: int
+    expected: dict[str, int]
+    events: list[EventRow]
+    snapshots: list[SnapshotRow]
+
+
+def _max_sequence(
+    cursor: psycopg.Cursor[tuple[Any, ...]],
+    statements: Statements,
+    aggregate_type: str,
+    aggregate_id: str,
+) -> int:
+    row = cursor.execute(statements.max_sequence, (aggregate_type, aggregate_id)).fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])
+
+
+def _commit(raw: Connection, call: _Call, plan: _Commit) -> None:
+    """Check every expected sequence, write everything, commit; or write nothing.
+
+    Pipelined into two round trips: BEGIN with the checks, then the writes with the
+    lock and COMMIT. The second one is all the time the commit lock is held (plus the
+    server's commit), which is what bounds commit throughput across all writers.
+    """
+    statements, aggregate_type = plan.statements, plan.aggregate_type
+    committing = False
+    try:
+        with raw.pipeline() as pipeline, raw.cursor() as cursor, raw.cursor() as checks:
+            cursor.execute("BEGIN")
+            if plan.expected:
+                # Checking before the commit lock keeps the serialized section short; a
+                # writer that slips in between is caught by the unique key.
+                checks.executemany(
+                    statements.max_sequence,
+                    [(aggregate_type, aggregate_id) for aggregate_id in plan.expected],
+                    returning=True,
+                )
+                pipeline.sync()
+                for (aggregate_id, expected), result in zip(
+                    plan.expected.items(), checks.results(), strict=True
+                ):
+                    row = result.fetchone()
+                    actual = 0 if row is None or row[0] is None else int(row[0])
+                    if actual != expected:
+                        raise ConcurrencyConflict(
+                            aggregate_id=aggregate_id,
+                            expected_sequence=expected,
+                            actual_sequence=actual,
+                        )
+            call.checkpoint()
+            if plan.snapshots:
+                cursor.executemany(
+                    statements.upsert_snapshot,
+                    [
+                        (
+                            aggregate_type,
+                            row.aggregate_id,
+                            row.sequence,
+                            row.entity_type,
+                            row.entity_version,
+                            row.payload,
+                            row.recorded_at,
+                        )
+                        for row in plan.snapshots
+                    ],
+                )
+            if plan.events:
+                # Held until COMMIT: positions are drawn and become visible in one order.
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (plan.lock_key,))
+                recorded_at = utc_now()
+                cursor.executemany(
+                    statements.insert_event,
+                    [
+                        (
+                            aggregate_type,
+                            row.aggregate_id,
+                            row.sequence,
+                            row.event_type,
+                            row.event_version,
+                            row.payload,
+                            row.metadata,
+                            recorded_at,
+                        )
+                        for row in plan.events
+                    ],
+                )
+            committing = True
+            cursor.execute("COMMIT")
+            # Leaving the pipeline block sends the batch and raises its first error.
+    except psycopg.errors.UniqueViolation as error:
+        # Only a writer that skips the checks (another program, or one that committed
+        # between our check and our lock) gets here: a lost race on a sequence.
+        raise _conflict(raw, plan) from error
+    except psycopg.errors.ProgramLimitExceeded as error:
+        raise _too_long(plan, error) from error
+    except psycopg.OperationalError as error:
+        # On a live connection an error means the server rolled the transaction back;
+        # a connection lost once COMMIT was sent leaves the outcome unknown, and
+        # retrying then could apply a command twice, so it must not look retryable.
+        if committing and raw.closed:
+            raise _CommitOutcomeUnknown(_first_line(error)) from error
+        raise
+
+
+def _too_long(plan: _Commit, error: psycopg.Error) -> EventStoreError:
+    """Name the id that most likely overflowed the unique index (the longest one)."""
+    ids = [*plan.expected, *(row.aggregate_id for row in plan.snapshots)]
+    longest = max(ids, key=lambda aggregate_id: len(aggregate_id.encode("utf-8")))
+    return EventStoreError(
+        f"aggregate_id {longest!r:.80} ({len(longest.encode('utf-8'))} bytes) is too long for "
+        f"PostgreSQL's unique index ({_first_line(error)}): index keys must compress to about "
+        "2.7 kB; use a shorter id, e.g. a hash of this one",
+        aggregate_id=longest[:80],
+    )
+
+
+def _conflict(raw: Connection, plan: _Commit) -> Exception:
+    raw.rollback()
+    with raw.cursor() as cursor:
+        for aggregate_id, expected in plan.expected.items():
+            actual = _max_sequence(cursor, plan.statements, plan.aggregate_type, aggregate_id)
+            if actual != expected:
+                return ConcurrencyConflict(
+                    aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
+                )
+    return EventStoreError("an event row broke the unique key of the events table")
+
+
+def _table_columns(cursor: psycopg.Cursor[tuple[Any, ...]], table: str) -> list[str]:
+    # to_regclass resolves the name through search_path, as the store's statements do.
+    rows = cursor.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+        "AND attnum > 0 AND NOT attisdropped",
+        (table,),
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def _check_tables(
+    cursor: psycopg.Cursor[tuple[Any, ...]],
+    events: str,
+    snapshots: str,
+    server: str,
+    *,
+    missing_ok: bool,
+) -> None:
+    for table, columns in ((events, EVENT_COLUMNS), (snapshots, SNAPSHOT_COLUMNS)):
+        found = _table_columns(cursor, table)
+        if (found or not missing_ok) and sorted(found) != sorted(columns):
+            raise EventStoreError(
+                f"table {table!r} at {server} is not a trio_es table (its columns are "
+                f"{', '.join(found)}); choose another table name"
+            )
+
+
+def _setup(
+    raw: Connection, statements: Statements, events: str, snapshots: str, server: str
+) -> None:
+    """Create the tables if needed and check that they are trio_es tables of our version."""
+    with raw.cursor() as cursor:
+        row = cursor.execute("SHOW server_encoding").fetchone()
+        encoding = "" if row is None else str(row[0])
+        if encoding.upper().replace("-", "") != "UTF8":
+            raise EventStoreError(
+                f"the PostgreSQL database at {server} uses encoding {encoding!r}, which cannot "
+                "hold all Unicode text; create the database with ENCODING 'UTF8'"
+            )
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK_KEY,))
+        # Check tables that already exist before any DDL: an index on a foreign table
+        # would fail with a message about a missing column instead.
+        _check_tables(cursor, events, snapshots, server, missing_ok=True)
+        for ddl in statements.create:
+            cursor.execute(ddl)
+        _check_tables(cursor, events, snapshots, server, missing_ok=False)
+        cursor.execute(statements.insert_schema_version, (events, snapshots, SCHEMA_VERSION))
+        row = cursor.execute(statements.select_schema_version, (events,)).fetchone()
+        version = None if row is None else row[0]
+        if version != SCHEMA_VERSION:
+            raise EventStoreError(
+                f"table {events!r} at {server} has schema version {version}, this trio_es "
+                f"reads version {SCHEMA_VERSION}; use the trio_es release that wrote it"
+            )
+        cursor.execute("COMMIT")
+
+
+def _check_pool_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"pool_size must be an int >= 1 (got {value!r}); 4 suits most uses")
+    return value
+
+
+@final
+@attrs.define(eq=False)
+class PostgresTransaction(Generic[EventT, EntityT]):
+    """A transaction of a :class:`PostgresStore`: buffered writes, applied when the block exits.
+
+    Only meaningful inside its ``async with store.transaction()`` block.
+    """
+
+    _store: PostgresStore[EventT, EntityT]
+    _pending: PendingWrites[EventT, EntityT]
+    _finished: bool = False
+
+
+@final
+@attrs.define(eq=False)
+class PostgresStore(Generic[EventT, EntityT]):
+    """An event store in a PostgreSQL database; open it with :meth:`PostgresStore.open`.
+
+    Any number of stores, in any number of processes and machines, may use the same
+    tables: a commit checks, in the same database transaction as its write, that each
+    aggregate's stored sequence is still the one its events were decided on, and the
+    unique key ``(aggregate_type, aggregate_id, sequence)`` backs that check, so two
+    writers that decided on the same sequence never both succeed. The loser gets
+    ``ConcurrencyConflict`` (the runtime reloads and retries the command).
+
+    Attributes:
+        aggregate_type: the value of the ``aggregate_type`` column for this store's rows;
+            stores with different types share tables without seeing each other's data.
+        transcoder: encodes and decodes events, snapshot entities and metadata.
+        server: ``host:port/dbname`` of the database (no credentials), for messages.
+        pool_size: the most connections the store opens at once.
+    """
+
+    aggregate_type: str
+    transcoder: Transcoder
+    server: str
+    pool_size: int
+    _statements: Statements
+    _pool: _Pool = attrs.field(repr=False)
+    _lock_key: int
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        transcoder: Transcoder,
+        aggregate_type: str = "default",
+        events_table: str = "events",
+        snapshots_table: str = "snapshots",
+        pool_size: int = 4,
+    ) -> AsyncIterator[PostgresStore[Any, Any]]:
+        """Open the store in the database ``dsn`` names; close it when the block exits.
+
+        The tables and the schema-version row are created on first open, idempotently,
+        even when several processes open a new database at once (they take turns under
+        an advisory lock).
+
+        Args:
+            dsn: a libpq connection string or URI, e.g.
+                ``"postgresql://app@db.example.com:5432/app"``. The database must use
+                the UTF8 encoding.
+            transcoder: with every event class (and, for snapshots, the entity class)
+                registered.
+            aggregate_type: the ``aggregate_type`` column value of this store's rows.
+            events_table: the events table name (a plain identifier; PostgreSQL folds
+                it to lower case).
+            snapshots_table: the snapshots table name (a plain identifier).
+            pool_size: the most connections open at once. Each concurrent read or
+                commit uses one for the duration of its single thread call; callers
+                beyond that wait (cancellably) for a free one.
+
+        Raises:
+            ValueError, TypeError: an argument is invalid (nothing was opened).
+            EventStoreError: the server cannot be reached, the database is not UTF8, or
+                the tables belong to another layout.
+        """
+        if not isinstance(dsn, str):
+            raise TypeError(f"dsn must be a libpq connection string (got {dsn!r:.80})")
+        if not isinstance(transcoder, Transcoder):
+            raise TypeError(f"transcoder must be a Transcoder (got {transcoder!r:.80})")
+        aggregate_type = check_aggregate_type(aggregate_type)
+        if "\x00" in aggregate_type or len(aggregate_type.encode("utf-8", "surrogatepass")) > (
+            MAX_AGGREGATE_TYPE_BYTES
+        ):
+            raise ValueError(
+                f"aggregate_type must be at most {MAX_AGGREGATE_TYPE_BYTES} UTF-8 bytes "
+                f"without NUL characters (got {aggregate_type!r:.80}); choose a short name"
+            )
+        check_text(aggregate_type, "aggregate_type")
+        statements = Statements.build(
+            _DIALECT, events_table=events_table, snapshots_table=snapshots_table
+        )
+        pool_size = _check_pool_size(pool_size)
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as error:
+            raise ValueError(
+                f"dsn is not a valid libpq connection string ({_first_line(error)}); use e.g. "
+                "'postgresql://user@host:5432/dbname'"
+            ) from None
+        server = _describe_server(dsn)
+        pool = _Pool(dsn, pool_size)
+        store: PostgresStore[Any, Any] = cls(
+            aggregate_type,
+            transcoder,
+            server,
+            pool_size,
+            statements,
+            pool,
+            _commit_lock_key(events_table),
+        )
+        try:
+            events, snapshots = events_table.lower(), snapshots_table.lower()
+            try:
+                await pool.run(lambda raw, _: _setup(raw, statements, events, snapshots, server))
+            except TransactionFailed as error:
+                raise EventStoreError(f"cannot open the store: {error.reason}") from error
+            except psycopg.Error as error:
+                raise _translate(error, doing="creating the tables", server=server) from error
+            yield store
+        finally:
+            with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                await pool.aclose()
+
+    async def _run(self, fn: CallFn[T], doing: str) -> T:
+        try:
+            return await self._pool.run(fn)
+        except _CommitOutcomeUnknown as error:
+            raise EventStoreError(
+                f"lost the connection to PostgreSQL at {self.server} while committing "
+                f"({error}), so the commit may or may not have happened; reload the aggregate "
+                "to see which before repeating the command"
+            ) from error
+        except psycopg.Error as error:
+            raise _translate(error, doing=doing, server=self.server) from error
+
+    def _pending(self, tx: PostgresTransaction[EventT, EntityT]) -> PendingWrites[EventT, EntityT]:
+        if not isinstance(tx, PostgresTransaction) or tx._store is not self:
+            raise EventStoreError(
+                f"{tx!r:.80} is not a transaction of this store; pass the handle that "
+                "this store's transaction() yielded"
+            )
+        if tx._finished:
+            raise EventStoreError(
+                "the transaction has already ended; use the handle only inside its async with block"
+            )
+        return tx._pending
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction[EventT, EntityT]]:
+        """Open a transaction; its writes are committed together when the block exits.
+
+        Leaving the block with an exception writes nothing; a block that only read
+        costs no database call on exit. Reads inside the block see the latest committed
+        data plus the transaction's own writes.
+
+        Raises (on exit):
+            ConcurrencyConflict: another writer appended to one of the aggregates first;
+                nothing of this transaction was written.
+            TransactionFailed: a retryable failure (lost connection before COMMIT,
+                serialization failure, deadlock, cancelled statement); nothing written.
+            EventStoreError: PostgreSQL refused the data or failed; nothing was written.
+                Or the connection broke while COMMIT was in flight, so the outcome is
+                unknown (the message says so).
+        """
+        pending: PendingWrites[EventT, EntityT] = PendingWrites(
+            self.transcoder, self.aggregate_type
+        )
+        tx = PostgresTransaction(self, pending)
+        try:
+            yield tx
+        finally:
+            tx._finished = True
+        if not pending.has_writes:
+            return
+        snapshots = pending.snapshot_rows()
+        _check_rows(pending.event_rows, snapshots)
+        plan = _Commit(
+            self._statements,
+            self.aggregate_type,
+            self._lock_key,
+            pending.expected,
+            pending.event_rows,
+            snapshots,
+        )
+        await self._run(lambda raw, call: _commit(raw, call, plan), "committing a transaction")
+
+    async def load_events(
+        self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int
+    ) -> list[SerializedEventEnvelope[EventT]]:
+        """The aggregate's events with ``sequence > start_from``, in sequence order.
+
+        Raises:
+            EventStoreError: a stored event cannot be decoded (the message names the
+                aggregate, sequence, type and version), the id cannot be stored in
+                PostgreSQL, or PostgreSQL failed.
+            TransactionFailed: the connection was lost.
+        """
+        pending = self._pending(tx)
+        aggregate_id = _check_key(aggregate_id, "aggregate_id")
+        start_from = max(start_from, 0)
+        stored: list[SerializedEventEnvelope[EventT]] = []
+        if pending.needs_stored_events(aggregate_id, start_from):
+            statements, transcoder, aggregate_type = (
+                self._statements,
+                self.transcoder,
+                self.aggregate_type,
+            )
+
+            def read(raw: Connection, _: _Call) -> list[SerializedEventEnvelope[Any]]:
+                rows = raw.execute(
+                    statements.select_events, (aggregate_type, aggregate_id, start_from)
+                ).fetchall()
+                return [
+                    decode_event_row(transcoder, aggregate_type, aggregate_id, row) for row in rows
+                ]
+
+            stored = await self._run(read, "loading events")
+        return pending.merge_events(aggregate_id, start_from, stored)
+
+    async def commit_events(
+        self,
+        tx: PostgresTransaction[EventT, EntityT],
+        aggregate: Aggregate[EntityT],
+        events: Sequence[EventT],
+        metadata: Metadata,
+    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
+        """Encode ``events`` and buffer them after ``aggregate.sequence``.
+
+        The sequence check happens when the transaction commits (in the same database
+        transaction as the write), so a conflict is raised when the block exits.
+
+        Raises:
+            EventStoreError: an event or the metadata cannot be encoded or cannot be
+                held by PostgreSQL (a NUL character); nothing is buffered for this call,
+                and the transaction's other writes are kept.
+        """
+        pending = self._pending(tx)
+        aggregate_id = _check_key(aggregate.aggregate_id, "aggregate_id")
+        _check_metadata(metadata, aggregate_id)
+        rows_before = len(pending.event_rows)
+        staged_before = pending.envelopes.get(aggregate_id)
+        envelopes_before = None if staged_before is None else len(staged_before)
+        result = pending.stage_events(aggregate, events, metadata)
+        try:
+            # Payloads can only be checked once encoded, so this call is unstaged again.
+            _check_rows(pending.event_rows[rows_before:], ())
+        except EventStoreError:
+            del pending.event_rows[rows_before:]
+            if envelopes_before is None:
+                pending.expected.pop(aggregate_id, None)
+                pending.envelopes.pop(aggregate_id, None)
+            else:
+                del pending.envelopes[aggregate_id][envelopes_before:]
+            raise
+        return result
+
+    async def load_snapshot(
+        self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str
+    ) -> Snapshot[EntityT] | None:
+        """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
+        pending = self._pending(tx)
+        aggregate_id = _check_key(aggregate_id, "aggregate_id")
+        staged = pending.snapshot(aggregate_id)
+        if staged is not None:
+            return staged
+        statements, transcoder, aggregate_type = (
+            self._statements,
+            self.transcoder,
+            self.aggregate_type,
+        )
+
+        def read(raw: Connection, _: _Call) -> Snapshot[Any] | None:
+            row = raw.execute(statements.select_snapshot, (aggregate_type, aggregate_id)).fetchone()
+            return None if row is None else decode_snapshot_row(transcoder, aggregate_id, row)
+
+        return await self._run(read, "loading a snapshot")
+
+    async def save_snapshot(
+        self, tx: PostgresTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
+    ) -> None:
+        """Encode ``snapshot`` and buffer it; it replaces the stored one on commit.
+
+        Raises:
+            EventStoreError: the entity cannot be encoded or held by PostgreSQL, or the
+                timestamp is naive.
+        """
+        pending = self._pending(tx)
+        aggregate_id = _check_key(snapshot.aggregate_id, "aggregate_id")
+        previous = pending.snapshots.get(aggregate_id)
+        pending.stage_snapshot(snapshot)
+        try:
+            _check_rows((), (pending.snapshots[aggregate_id][0],))
+        except EventStoreError:
+            # Refused snapshots leave the transaction as it was.
+            if previous is None:
+                del pending.snapshots[aggregate_id]
+            else:
+                pending.snapshots[aggregate_id] = previous
+            raise
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> list[StoredEvent[EventT]]:
+        """Up to ``limit`` events of this store's aggregate type after ``after_position``.
+
+        In ``global_position`` order, which is commit order: page through the whole log
+        by passing the last position seen. A reader that has seen position *p* never
+        later finds a new event at a position below *p*, however many processes write.
+        Not part of the ``EventStore`` protocol.
+
+        Why no event is skipped: PostgreSQL hands out identity values at INSERT time, so
+        without care a transaction could draw position 5, commit after another drew and
+        committed 6, and a reader that saw 6 would move past 5 forever. Here every
+        transaction that inserts events holds one advisory lock (per events table) from
+        just before its INSERT until its COMMIT, and PostgreSQL makes a commit visible
+        before it releases the transaction's locks. So if a reader's snapshot shows
+        position *p*, any committed position *q < p* was drawn (identity values rise
+        with time, cache 1) by a transaction that held the lock before *p*'s did and
+        therefore became visible before *p*'s transaction could even draw *p*: the
+        reader sees *q* too. Positions of rolled-back transactions stay unused gaps.
+        This holds for every writer that uses this store; a program that inserts into
+        the table directly must take the same lock.
+
+        Raises:
+            ValueError: ``after_position < 0`` or ``limit < 1``.
+            EventStoreError: a stored event cannot be decoded, or PostgreSQL failed.
+            TransactionFailed: the connection was lost.
+        """
+        after_position, limit = check_read_all(after_position, limit)
+        statements, transcoder, aggregate_type = (
+            self._statements,
+            self.transcoder,
+            self.aggregate_type,
+        )
+
+        def read(raw: Connection, _: _Call) -> list[StoredEvent[Any]]:
+            rows = raw.execute(
+                statements.select_all, (aggregate_type, after_position, limit)
+            ).fetchall()
+            return [
+                StoredEvent(
+                    position,
+                    decode_event_row(transcoder, aggregate_type, aggregate_id, rest),
+                    parse_utc(recorded_at),
+                )
+                for position, aggregate_id, *rest, recorded_at in rows
+            ]
+
+        return await self._run(read, "reading all events")

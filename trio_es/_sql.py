@@ -1,0 +1,548 @@
+"""What the SQL stores share: names, schema, statements, buffered writes and row decoding.
+
+Both the SQLite and the PostgreSQL store keep the same two tables (names configurable)
+and one bookkeeping table:
+
+``events``
+    One row per event. ``global_position`` is the primary key and increases in commit
+    order across the whole table: a reader that paged through :meth:`read_all` up to
+    position *p* never later sees a new event at a position <= *p*. (SQLite gets that
+    from its single writer and ``INTEGER PRIMARY KEY``; PostgreSQL must serialize
+    commits, e.g. with ``pg_advisory_xact_lock``, because identity values are handed out
+    before commit.) ``(aggregate_type, aggregate_id, sequence)`` is unique: sequences are
+    contiguous from 1 for each aggregate. ``payload`` and ``metadata`` are JSON text from
+    :class:`~trio_es.serialization.Transcoder`; ``recorded_at`` is the commit time, UTC.
+
+``snapshots``
+    At most one row per ``(aggregate_type, aggregate_id)``: the latest snapshot,
+    replaced by each new one. Derived data: a snapshot that cannot be decoded is ignored.
+
+``trio_es_schema_version``
+    One row per events table, with the layout version (:data:`SCHEMA_VERSION`) that the
+    tables were created with, so that a later release can migrate them. A store refuses
+    to open tables written by a newer layout.
+
+``aggregate_type`` lets several event-sourced systems share one pair of tables; every
+query of a store is restricted to its own type.
+
+Only table names are ever put into SQL text, and only after :func:`check_identifier`;
+every other value is a bound parameter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any, Final, Generic, TypeVar, final
+
+import attrs
+
+from ._errors import ConcurrencyConflict, EventStoreError
+from ._serialization import Transcoder
+from ._store import check_read_all as check_read_all
+from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot
+from ._types import StoredEvent as StoredEvent
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "SCHEMA_VERSION",
+    "SCHEMA_VERSION_TABLE",
+    "SNAPSHOT_COLUMNS",
+    "Dialect",
+    "EventRow",
+    "PendingWrites",
+    "SnapshotRow",
+    "Statements",
+    "StoredEvent",
+    "check_aggregate_type",
+    "check_identifier",
+    "check_read_all",
+    "check_text",
+    "decode_event_row",
+    "decode_snapshot_row",
+    "parse_utc",
+    "utc_text",
+]
+
+EventT = TypeVar("EventT")
+EntityT = TypeVar("EntityT")
+
+logger: Final = logging.getLogger("trio_es.serialization")
+
+#: The layout version this release creates and reads.
+SCHEMA_VERSION: Final = 1
+#: The bookkeeping table; prefixed because it lives beside application tables.
+SCHEMA_VERSION_TABLE: Final = "trio_es_schema_version"
+#: The columns of the events table, in the order the statements use them.
+EVENT_COLUMNS: Final = (
+    "global_position",
+    "aggregate_type",
+    "aggregate_id",
+    "sequence",
+    "event_type",
+    "event_version",
+    "payload",
+    "metadata",
+    "recorded_at",
+)
+#: The columns of the snapshots table.
+SNAPSHOT_COLUMNS: Final = (
+    "aggregate_type",
+    "aggregate_id",
+    "sequence",
+    "entity_type",
+    "entity_version",
+    "payload",
+    "recorded_at",
+)
+
+# 63 is PostgreSQL's identifier limit; SQLite has none, but names must work on both.
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def check_identifier(value: object, what: str) -> str:
+    """Return ``value`` if it can be put into SQL text as a table name, else raise.
+
+    Raises:
+        ValueError: ``value`` is not a str matching ``[A-Za-z_][A-Za-z0-9_]{0,62}``.
+    """
+    if not isinstance(value, str) or _IDENTIFIER.fullmatch(value) is None:
+        raise ValueError(
+            f"{what} must be a plain SQL identifier matching [A-Za-z_][A-Za-z0-9_]{{0,62}} "
+            f"(got {value!r}); choose a name like 'bank_events'"
+        )
+    return value
+
+
+def check_text(value: object, what: str) -> str:
+    """Return ``value`` if it is a str that UTF-8 text columns can hold, else raise.
+
+    Raises:
+        EventStoreError: ``value`` is not a str, or holds a lone surrogate.
+    """
+    if not isinstance(value, str):
+        raise EventStoreError(f"{what} must be a str (got {type(value).__name__} {value!r:.80})")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EventStoreError(
+                f"{what} {value!r:.80} holds a lone surrogate that UTF-8 cannot encode; "
+                "use valid Unicode text"
+            ) from None
+    return value
+
+
+def check_aggregate_type(value: object) -> str:
+    """Return ``value`` if it is a non-empty str, else raise ``ValueError``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"aggregate_type must be a non-empty str (got {value!r})")
+    return value
+
+
+def utc_text(moment: datetime.datetime) -> str:
+    """``moment`` as ISO 8601 in UTC with microseconds: sortable as text, as SQLite keeps it.
+
+    Raises:
+        EventStoreError: ``moment`` is naive (its offset from UTC is unknown).
+    """
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise EventStoreError(
+            f"timestamp {moment.isoformat()} is naive; use an aware datetime such as "
+            "datetime.now(UTC)"
+        )
+    return moment.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+
+
+def parse_utc(value: str | datetime.datetime) -> datetime.datetime:
+    """A stored timestamp (ISO text, or a driver's datetime) as an aware UTC datetime."""
+    moment = (
+        value if isinstance(value, datetime.datetime) else datetime.datetime.fromisoformat(value)
+    )
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC)
+
+
+@final
+@attrs.frozen
+class Dialect:
+    """How one database spells the shared schema and statements.
+
+    Attributes:
+        placeholder: a bound parameter, e.g. ``"?"`` (sqlite3) or ``"%s"`` (psycopg).
+        position_type: the ``global_position`` column, e.g. ``"INTEGER PRIMARY KEY"`` or
+            ``"BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"``.
+        integer_type: sequences and versions, e.g. ``"INTEGER"`` or ``"BIGINT"``.
+        json_type: the payload and metadata columns, e.g. ``"TEXT"`` or ``"JSONB"``.
+        timestamp_type: ``recorded_at``, e.g. ``"TEXT"`` (ISO 8601) or ``"TIMESTAMPTZ"``.
+        json_parameter: a bound JSON-text parameter, e.g. ``"?"`` or ``"%s::jsonb"``.
+        json_result: how a JSON column is selected so that the driver returns text,
+            formatted with the column name, e.g. ``"{}"`` or ``"{}::text"``.
+    """
+
+    placeholder: str
+    position_type: str
+    integer_type: str
+    json_type: str
+    timestamp_type: str
+    json_parameter: str
+    json_result: str = "{}"
+
+
+def _derived_name(table: str, suffix: str) -> str:
+    # Index names derive from the table name and must stay within the 63-char limit.
+    name = f"{table}_{suffix}"
+    return name if len(name) <= 63 else f"{table[: 62 - len(suffix)]}_{suffix}"
+
+
+@final
+@attrs.frozen
+class Statements:
+    """Every SQL text a store runs, built once from validated table names and a dialect.
+
+    Parameters, in order, are documented on each attribute. Rows come back in the column
+    order given there.
+    """
+
+    #: DDL, idempotent, to run in one transaction on open.
+    create: tuple[str, ...]
+    #: (events_table, snapshots_table, version): adds the bookkeeping row if missing.
+    insert_schema_version: str
+    #: (events_table,) -> (version,)
+    select_schema_version: str
+    #: (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+    #: metadata, recorded_at)
+    insert_event: str
+    #: (aggregate_type, aggregate_id) -> (max sequence or NULL,)
+    max_sequence: str
+    #: (aggregate_type, aggregate_id, start_from) -> (sequence, event_type,
+    #: event_version, payload, metadata) in sequence order
+    select_events: str
+    #: (aggregate_type, after_position, limit) -> (global_position, aggregate_id,
+    #: sequence, event_type, event_version, payload, metadata, recorded_at)
+    select_all: str
+    #: (aggregate_type, aggregate_id, sequence, entity_type, entity_version, payload,
+    #: recorded_at): insert or replace the aggregate's snapshot
+    upsert_snapshot: str
+    #: (aggregate_type, aggregate_id) -> (sequence, entity_type, entity_version,
+    #: payload, recorded_at)
+    select_snapshot: str
+
+    @classmethod
+    def build(cls, dialect: Dialect, *, events_table: str, snapshots_table: str) -> Statements:
+        """Build the statements; the table names are validated here.
+
+        Raises:
+            ValueError: a table name is not a plain identifier, or both are the same.
+        """
+        events = check_identifier(events_table, "events_table")
+        snapshots = check_identifier(snapshots_table, "snapshots_table")
+        if events.lower() == snapshots.lower() or SCHEMA_VERSION_TABLE in (
+            events.lower(),
+            snapshots.lower(),
+        ):
+            raise ValueError(
+                f"events_table {events!r} and snapshots_table {snapshots!r} must be two "
+                f"different tables other than {SCHEMA_VERSION_TABLE!r}; rename one"
+            )
+        p, j, i = dialect.placeholder, dialect.json_parameter, dialect.integer_type
+        payload, metadata = (
+            dialect.json_result.format("payload"),
+            dialect.json_result.format("metadata"),
+        )
+        create = (
+            f"CREATE TABLE IF NOT EXISTS {events} ("
+            f"global_position {dialect.position_type}, "
+            "aggregate_type TEXT NOT NULL, "
+            "aggregate_id TEXT NOT NULL, "
+            f"sequence {i} NOT NULL CHECK (sequence > 0), "
+            "event_type TEXT NOT NULL, "
+            f"event_version {i} NOT NULL, "
+            f"payload {dialect.json_type} NOT NULL, "
+            f"metadata {dialect.json_type} NOT NULL, "
+            f"recorded_at {dialect.timestamp_type} NOT NULL, "
+            "UNIQUE (aggregate_type, aggregate_id, sequence))",
+            # read_all filters by type and walks positions; without this index a store
+            # whose type is rare in a shared table would scan everyone else's events.
+            f"CREATE INDEX IF NOT EXISTS {_derived_name(events, 'type_position')} "
+            f"ON {events} (aggregate_type, global_position)",
+            f"CREATE TABLE IF NOT EXISTS {snapshots} ("
+            "aggregate_type TEXT NOT NULL, "
+            "aggregate_id TEXT NOT NULL, "
+            f"sequence {i} NOT NULL, "
+            "entity_type TEXT NOT NULL, "
+            f"entity_version {i} NOT NULL, "
+            f"payload {dialect.json_type} NOT NULL, "
+            f"recorded_at {dialect.timestamp_type} NOT NULL, "
+            "PRIMARY KEY (aggregate_type, aggregate_id))",
+            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} ("
+            "events_table TEXT PRIMARY KEY, "
+            "snapshots_table TEXT NOT NULL, "
+            f"version {i} NOT NULL)",
+        )
+        return cls(
+            create=create,
+            insert_schema_version=(
+                f"INSERT INTO {SCHEMA_VERSION_TABLE} (events_table, snapshots_table, version) "
+                f"VALUES ({p}, {p}, {p}) ON CONFLICT (events_table) DO NOTHING"
+            ),
+            select_schema_version=(
+                f"SELECT version FROM {SCHEMA_VERSION_TABLE} WHERE events_table = {p}"
+            ),
+            insert_event=(
+                f"INSERT INTO {events} (aggregate_type, aggregate_id, sequence, event_type, "
+                f"event_version, payload, metadata, recorded_at) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, {p})"
+            ),
+            max_sequence=(
+                f"SELECT MAX(sequence) FROM {events} "
+                f"WHERE aggregate_type = {p} AND aggregate_id = {p}"
+            ),
+            select_events=(
+                f"SELECT sequence, event_type, event_version, {payload}, {metadata} "
+                f"FROM {events} WHERE aggregate_type = {p} AND aggregate_id = {p} "
+                f"AND sequence > {p} ORDER BY sequence"
+            ),
+            select_all=(
+                f"SELECT global_position, aggregate_id, sequence, event_type, event_version, "
+                f"{payload}, {metadata}, recorded_at FROM {events} "
+                f"WHERE aggregate_type = {p} AND global_position > {p} "
+                f"ORDER BY global_position LIMIT {p}"
+            ),
+            upsert_snapshot=(
+                f"INSERT INTO {snapshots} (aggregate_type, aggregate_id, sequence, "
+                f"entity_type, entity_version, payload, recorded_at) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {p}) "
+                "ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET "
+                "sequence = excluded.sequence, entity_type = excluded.entity_type, "
+                "entity_version = excluded.entity_version, payload = excluded.payload, "
+                "recorded_at = excluded.recorded_at"
+            ),
+            select_snapshot=(
+                f"SELECT sequence, entity_type, entity_version, {payload}, recorded_at "
+                f"FROM {snapshots} WHERE aggregate_type = {p} AND aggregate_id = {p}"
+            ),
+        )
+
+
+@final
+@attrs.frozen
+class EventRow:
+    """An encoded event waiting in a transaction; the store adds type and commit time."""
+
+    aggregate_id: str
+    sequence: int
+    event_type: str
+    event_version: int
+    payload: str
+    metadata: str
+
+
+@final
+@attrs.frozen
+class SnapshotRow:
+    """An encoded snapshot waiting in a transaction."""
+
+    aggregate_id: str
+    sequence: int
+    entity_type: str
+    entity_version: int
+    payload: str
+    recorded_at: datetime.datetime
+
+
+@final
+@attrs.define(eq=False)
+class PendingWrites(Generic[EventT, EntityT]):
+    """The writes a SQL store transaction buffers until it commits, already encoded.
+
+    Encoding happens when a write is staged, so a serialization error surfaces from
+    ``commit_events`` or ``save_snapshot`` before anything reaches the database. At
+    commit the store checks, for every aggregate in :attr:`expected`, that its stored
+    ``MAX(sequence)`` (0 without events) still equals the expected value, then inserts
+    :attr:`event_rows` in order and upserts :attr:`snapshot_rows`, all in one database
+    transaction.
+    """
+
+    transcoder: Transcoder
+    aggregate_type: str
+    #: The stored sequence each aggregate must still have at commit, per aggregate.
+    expected: dict[str, int] = attrs.Factory(dict)
+    #: Every staged event, in staging order (which becomes commit order).
+    event_rows: list[EventRow] = attrs.Factory(list)
+    #: The staged envelopes per aggregate, for reads inside the transaction.
+    envelopes: dict[str, list[SerializedEventEnvelope[EventT]]] = attrs.Factory(dict)
+    #: The staged snapshot per aggregate: its row, and the snapshot for reads.
+    snapshots: dict[str, tuple[SnapshotRow, Snapshot[EntityT]]] = attrs.Factory(dict)
+
+    @property
+    def has_writes(self) -> bool:
+        """Whether committing needs the database (a zero-event commit still checks)."""
+        return bool(self.expected or self.snapshots)
+
+    def stage_events(
+        self, aggregate: Aggregate[EntityT], events: Sequence[EventT], metadata: Metadata
+    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
+        """Encode and buffer ``events`` after ``aggregate.sequence``.
+
+        Raises:
+            ConcurrencyConflict: this transaction already staged events for the aggregate
+                and ``aggregate.sequence`` does not continue them.
+            EventStoreError: an event or the metadata cannot be encoded; nothing staged.
+        """
+        aggregate_id = check_text(aggregate.aggregate_id, "aggregate_id")
+        if not aggregate_id:
+            raise EventStoreError("aggregate_id must be a non-empty str (got '')")
+        base = aggregate.sequence
+        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+            raise EventStoreError(
+                f"aggregate.sequence must be an int >= 0 (got {base!r})", aggregate_id=aggregate_id
+            )
+        staged = self.envelopes.get(aggregate_id)
+        if staged is not None:
+            current = self.expected[aggregate_id] + len(staged)
+            if current != base:
+                raise ConcurrencyConflict(
+                    aggregate_id=aggregate_id, expected_sequence=base, actual_sequence=current
+                )
+        transcoder = self.transcoder
+        metadata_text = transcoder.encode_metadata(metadata)
+        rows: list[EventRow] = []
+        envelopes: list[SerializedEventEnvelope[EventT]] = []
+        for sequence, event in enumerate(events, start=base + 1):
+            encoded = transcoder.encode_event(event, aggregate_id=aggregate_id, sequence=sequence)
+            rows.append(
+                EventRow(
+                    aggregate_id,
+                    sequence,
+                    encoded.event_type,
+                    encoded.event_version,
+                    encoded.payload,
+                    metadata_text,
+                )
+            )
+            envelopes.append(
+                SerializedEventEnvelope(
+                    aggregate_id,
+                    sequence,
+                    event,
+                    metadata,
+                    encoded.event_type,
+                    encoded.event_version,
+                    self.aggregate_type,
+                )
+            )
+        # Only now, with everything encoded, does the transaction change.
+        if staged is None:
+            self.expected[aggregate_id] = base
+            self.envelopes[aggregate_id] = list(envelopes)
+        else:
+            staged.extend(envelopes)
+        self.event_rows.extend(rows)
+        return envelopes, base + len(envelopes)
+
+    def stage_snapshot(self, snapshot: Snapshot[EntityT]) -> None:
+        """Encode and buffer ``snapshot``, replacing one staged earlier for its aggregate.
+
+        Raises:
+            EventStoreError: the entity cannot be encoded or the timestamp is naive.
+        """
+        aggregate_id = check_text(snapshot.aggregate_id, "aggregate_id")
+        encoded = self.transcoder.encode_entity(snapshot.entity, aggregate_id=aggregate_id)
+        timestamp = parse_utc(utc_text(snapshot.timestamp))
+        row = SnapshotRow(
+            aggregate_id,
+            snapshot.sequence,
+            encoded.entity_type,
+            encoded.entity_version,
+            encoded.payload,
+            timestamp,
+        )
+        self.snapshots[aggregate_id] = (row, snapshot)
+
+    def merge_events(
+        self,
+        aggregate_id: str,
+        start_from: int,
+        stored: list[SerializedEventEnvelope[EventT]],
+    ) -> list[SerializedEventEnvelope[EventT]]:
+        """The transaction's view: ``stored`` events, then its own staged ones.
+
+        Stored events beyond the expected sequence (another writer's, which will make
+        this transaction fail) are left out so the view stays contiguous.
+        """
+        staged = self.envelopes.get(aggregate_id)
+        if not staged:
+            return stored
+        base = self.expected[aggregate_id]
+        return [e for e in stored if e.sequence <= base] + [
+            e for e in staged if e.sequence > start_from
+        ]
+
+    def needs_stored_events(self, aggregate_id: str, start_from: int) -> bool:
+        """Whether a read of the aggregate after ``start_from`` must ask the database."""
+        base = self.expected.get(aggregate_id)
+        return base is None or start_from < base
+
+    def snapshot(self, aggregate_id: str) -> Snapshot[EntityT] | None:
+        """The snapshot this transaction staged for the aggregate, if any."""
+        staged = self.snapshots.get(aggregate_id)
+        return None if staged is None else staged[1]
+
+    def snapshot_rows(self) -> list[SnapshotRow]:
+        """The staged snapshots, one per aggregate."""
+        return [row for row, _ in self.snapshots.values()]
+
+
+def decode_event_row(
+    transcoder: Transcoder,
+    aggregate_type: str,
+    aggregate_id: str,
+    row: Sequence[Any],
+) -> SerializedEventEnvelope[Any]:
+    """Decode a ``(sequence, event_type, event_version, payload, metadata)`` row.
+
+    Raises:
+        EventStoreError: the payload or metadata cannot be decoded; the message names
+            the aggregate, sequence, type and version.
+    """
+    sequence, event_type, event_version, payload, metadata = row
+    return SerializedEventEnvelope(
+        aggregate_id,
+        sequence,
+        transcoder.decode_event(
+            event_type, event_version, payload, aggregate_id=aggregate_id, sequence=sequence
+        ),
+        transcoder.decode_metadata(metadata, aggregate_id=aggregate_id, sequence=sequence),
+        event_type,
+        event_version,
+        aggregate_type,
+    )
+
+
+def decode_snapshot_row(
+    transcoder: Transcoder, aggregate_id: str, row: Sequence[Any]
+) -> Snapshot[Any] | None:
+    """Decode a ``(sequence, entity_type, entity_version, payload, recorded_at)`` row.
+
+    Returns ``None`` (logged by the transcoder) when the entity cannot be decoded.
+    """
+    sequence, entity_type, entity_version, payload, recorded_at = row
+    try:
+        timestamp = parse_utc(recorded_at)
+    except (TypeError, ValueError):
+        logger.warning(
+            "ignoring the snapshot of aggregate %r: its recorded_at %r is not a timestamp",
+            aggregate_id[:80],
+            recorded_at,
+        )
+        return None
+    entity = transcoder.decode_entity(
+        entity_type, entity_version, payload, aggregate_id=aggregate_id
+    )
+    if entity is None:
+        return None
+    return Snapshot(aggregate_id, entity, sequence, timestamp)

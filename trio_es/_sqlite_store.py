@@ -1,0 +1,750 @@
+"""The SQLite event store: durable, embedded, safe for several processes on one file.
+
+Layout and semantics are shared with the other SQL stores (see :mod:`trio_es._sql`).
+
+How it talks to SQLite: two ``sqlite3`` connections in WAL mode, a writer and a reader,
+each used by one worker thread at a time (each has its own ``CapacityLimiter(1)``). A
+hop to a worker thread costs more than a SQLite commit, so a transaction makes at most
+one hop to write: ``commit_events`` and ``save_snapshot`` only encode and buffer (a
+serialization error is raised right there), and leaving the ``async with`` block runs
+``BEGIN IMMEDIATE``, the optimistic-concurrency checks, the inserts, the snapshot upserts
+and ``COMMIT`` in a single thread call. Reads are one hop each on the reader connection
+and see the latest committed data plus the transaction's own buffered writes; a
+transaction that only reads never touches the writer.
+
+Cancellation: a thread call is never abandoned (its connection would be left mid-way).
+When the calling task is cancelled, the store asks the running statement to stop
+(``sqlite3.Connection.interrupt``), stops waiting for a lock held by another process,
+rolls back whatever was begun, and only then lets ``trio.Cancelled`` through. A commit
+that had already reached ``COMMIT`` stays committed, as with any cancelled I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, Generic, TypeVar, final
+
+import attrs
+import outcome
+import trio
+
+from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._serialization import Transcoder
+from ._sql import (
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    SNAPSHOT_COLUMNS,
+    Dialect,
+    EventRow,
+    PendingWrites,
+    SnapshotRow,
+    Statements,
+    StoredEvent,
+    check_aggregate_type,
+    check_read_all,
+    check_text,
+    decode_event_row,
+    decode_snapshot_row,
+    parse_utc,
+    utc_text,
+)
+from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+
+__all__ = ["SqliteStore", "SqliteTransaction"]
+
+logger: Final = logging.getLogger("trio_es.sqlite_store")
+
+EventT = TypeVar("EventT")
+EntityT = TypeVar("EntityT")
+T = TypeVar("T")
+
+_DIALECT: Final = Dialect(
+    placeholder="?",
+    # An alias of the rowid: max + 1 under the single writer, so commit order.
+    position_type="INTEGER PRIMARY KEY",
+    integer_type="INTEGER",
+    json_type="TEXT",
+    timestamp_type="TEXT",
+    json_parameter="?",
+)
+_SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+# SQLite's busy handler sleeps without looking at sqlite3_interrupt, so a writer waiting
+# for another process's lock could not be cancelled for busy_timeout_ms. The writer's own
+# busy timeout is therefore a short slice, and the store retries BEGIN IMMEDIATE until
+# busy_timeout_ms is spent, checking for cancellation between slices.
+_BUSY_SLICE_MS: Final = 50
+# How long closing may wait for a thread call still running on a connection.
+_CLOSE_TIMEOUT_S: Final = 30.0
+
+
+class _Interrupted(Exception):
+    """Internal: a worker thread stopped because the calling task was cancelled."""
+
+
+@attrs.define(eq=False)
+class _Interrupt:
+    """Set from the Trio thread when the caller is cancelled; read by the worker thread."""
+
+    requested: bool = False
+
+
+def _code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """One sqlite3 connection and the limiter that lets one thread use it at a time."""
+
+    raw: sqlite3.Connection
+    role: str
+    limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
+    closed: bool = False
+
+    async def run(self, fn: Callable[[sqlite3.Connection, _Interrupt], T]) -> T:
+        """Run ``fn(connection, interrupt)`` in a worker thread; cancellation interrupts it.
+
+        This is ``trio.to_thread.run_sync(..., abandon_on_cancel=False)`` plus a hook:
+        ``to_thread`` gives no way to react to a cancellation while the thread runs, and
+        a watcher task per call would double the cost of each hop. So it is built from
+        the same primitives ``to_thread`` uses.
+        """
+        interrupt = _Interrupt()
+        connection = self.raw
+        async with self.limiter:
+            if self.closed:
+                raise EventStoreError("the store is closed; open it again with SqliteStore.open")
+            task = trio.lowlevel.current_task()
+            token = trio.lowlevel.current_trio_token()
+
+            def deliver(result: outcome.Outcome[T]) -> None:
+                # The run may have ended meanwhile; then nobody waits for the result.
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                interrupt.requested = True
+                with contextlib.suppress(sqlite3.ProgrammingError):  # already closed
+                    connection.interrupt()
+                # Keep waiting: the thread rolls back and returns, then Cancelled is
+                # raised at the next checkpoint.
+                return trio.lowlevel.Abort.FAILED
+
+            trio.lowlevel.start_thread_soon(
+                functools.partial(fn, connection, interrupt),
+                deliver,
+                name=f"trio_es sqlite {self.role}",
+            )
+            try:
+                return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+            except (_Interrupted, sqlite3.OperationalError) as error:
+                if not interrupt.requested or (
+                    isinstance(error, sqlite3.OperationalError)
+                    and _code(error) != sqlite3.SQLITE_INTERRUPT
+                ):
+                    raise
+        # Cancelled is pending for this task, so this raises it.
+        await trio.lowlevel.checkpoint()
+        raise EventStoreError("a SQLite call was interrupted although nothing cancelled it")
+
+    async def close(self) -> None:
+        async with self.limiter:
+            if not self.closed:
+                self.closed = True
+                await trio.to_thread.run_sync(self.raw.close)
+
+
+def _translate(error: sqlite3.Error, *, doing: str, path: str, busy_timeout_ms: int) -> Exception:
+    """A sqlite3 error as the trio_es error callers handle, keeping SQLite's words."""
+    code = _code(error)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return TransactionFailed(
+            f"the SQLite database {path!r} stayed locked by another connection for "
+            f"busy_timeout_ms={busy_timeout_ms} while {doing}; retry, or raise busy_timeout_ms"
+        )
+    if code == sqlite3.SQLITE_NOTADB:
+        return EventStoreError(
+            f"{path!r} is not a SQLite database ({error}); open a SQLite file or a new path"
+        )
+    if code == sqlite3.SQLITE_CORRUPT:
+        return EventStoreError(
+            f"the SQLite database {path!r} is corrupt ({error}) while {doing}; restore it "
+            "from a backup"
+        )
+    if code == sqlite3.SQLITE_FULL:
+        return EventStoreError(f"the disk holding {path!r} is full while {doing}; free space")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return EventStoreError(
+            f"cannot write or open the SQLite database {path!r} ({error}) while {doing}; "
+            "check the path and its permissions"
+        )
+    return EventStoreError(f"SQLite failed while {doing} on {path!r}: {error}")
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    if not connection.in_transaction:
+        return
+    try:
+        connection.execute("ROLLBACK")
+    except sqlite3.Error:  # pragma: no cover - SQLite rolls back on close anyway
+        logger.exception("ROLLBACK failed; SQLite rolls the transaction back on close")
+
+
+def _begin_immediate(
+    connection: sqlite3.Connection, interrupt: _Interrupt, busy_timeout_ms: int
+) -> None:
+    # time.monotonic, not Trio's clock: this runs in a worker thread and stands in for
+    # SQLite's own busy timeout, which counts wall time too.
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        if interrupt.requested:
+            raise _Interrupted
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as error:
+            if _code(error) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+
+
+@attrs.frozen
+class _Commit:
+    """Everything the commit thread needs, so that it touches no shared state."""
+
+    statements: Statements
+    aggregate_type: str
+    expected: dict[str, int]
+    events: list[EventRow]
+    snapshots: list[SnapshotRow]
+    busy_timeout_ms: int
+
+
+def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit) -> None:
+    """Check every expected sequence, write everything, commit; or write nothing."""
+    _begin_immediate(connection, interrupt, plan.busy_timeout_ms)
+    statements, aggregate_type = plan.statements, plan.aggregate_type
+    try:
+        for aggregate_id, expected in plan.expected.items():
+            actual = _max_sequence(connection, statements, aggregate_type, aggregate_id)
+            if actual != expected:
+                raise ConcurrencyConflict(
+                    aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
+                )
+        if plan.events:
+            recorded_at = utc_text(utc_now())
+            try:
+                connection.executemany(
+                    statements.insert_event,
+                    [
+                        (
+                            aggregate_type,
+                            row.aggregate_id,
+                            row.sequence,
+                            row.event_type,
+                            row.event_version,
+                            row.payload,
+                            row.metadata,
+                            recorded_at,
+                        )
+                        for row in plan.events
+                    ],
+                )
+            except sqlite3.IntegrityError as error:
+                # The checks above make this unreachable unless something wrote the table
+                # without them; it is still a lost race on an aggregate's sequence.
+                raise _conflict(connection, plan, error) from error
+        for snapshot in plan.snapshots:
+            connection.execute(
+                statements.upsert_snapshot,
+                (
+                    aggregate_type,
+                    snapshot.aggregate_id,
+                    snapshot.sequence,
+                    snapshot.entity_type,
+                    snapshot.entity_version,
+                    snapshot.payload,
+                    utc_text(snapshot.recorded_at),
+                ),
+            )
+        if interrupt.requested:
+            raise _Interrupted
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+
+
+def _max_sequence(
+    connection: sqlite3.Connection, statements: Statements, aggregate_type: str, aggregate_id: str
+) -> int:
+    rows = connection.execute(statements.max_sequence, (aggregate_type, aggregate_id)).fetchall()
+    return int(rows[0][0] or 0)
+
+
+def _conflict(connection: sqlite3.Connection, plan: _Commit, error: sqlite3.Error) -> Exception:
+    """The error for a constraint violation while inserting ``plan``'s events."""
+    if "UNIQUE" in str(error):
+        for row in plan.events:
+            actual = _max_sequence(
+                connection, plan.statements, plan.aggregate_type, row.aggregate_id
+            )
+            if actual >= row.sequence:
+                return ConcurrencyConflict(
+                    aggregate_id=row.aggregate_id,
+                    expected_sequence=row.sequence - 1,
+                    actual_sequence=actual,
+                )
+    return EventStoreError(f"an event row broke a constraint of the events table ({error})")
+
+
+def _table_columns(connection: sqlite3.Connection, table: str) -> list[str]:
+    # PRAGMA arguments cannot be bound; ``table`` passed check_identifier.
+    return [row[1] for row in connection.execute(f"PRAGMA table_info({table})").fetchall()]
+
+
+def _open_writer(
+    path: str,
+    statements: Statements,
+    events_table: str,
+    snapshots_table: str,
+    synchronous: str,
+    busy_timeout_ms: int,
+) -> sqlite3.Connection:
+    connection = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        # Processes opening a new file at once race to switch it to WAL and to create the
+        # tables, and some of those steps report SQLITE_BUSY without waiting: retry them
+        # until busy_timeout_ms is spent (wall time, as SQLite's own timeout).
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                _prepare(
+                    connection,
+                    path,
+                    statements,
+                    events_table,
+                    snapshots_table,
+                    synchronous,
+                    busy_timeout_ms,
+                )
+                break
+            except sqlite3.OperationalError as error:
+                if _code(error) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        connection.execute(f"PRAGMA busy_timeout={min(busy_timeout_ms, _BUSY_SLICE_MS)}")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _prepare(
+    connection: sqlite3.Connection,
+    path: str,
+    statements: Statements,
+    events_table: str,
+    snapshots_table: str,
+    synchronous: str,
+    busy_timeout_ms: int,
+) -> None:
+    """Set the pragmas and create or check the tables, in one write transaction."""
+    # Reading the header first: a file that is not a database fails here, before any
+    # pragma or DDL could write to it.
+    connection.execute("PRAGMA schema_version").fetchall()
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+    if str(mode).lower() != "wal":
+        raise EventStoreError(
+            f"SQLite could not put {path!r} in WAL mode (journal_mode is {mode!r}); "
+            "keep the database on a local file system"
+        )
+    # Both values passed validation; PRAGMA arguments cannot be bound.
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    connection.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        # Check tables that already exist before any DDL touches them.
+        for table, columns in (
+            (events_table, EVENT_COLUMNS),
+            (snapshots_table, SNAPSHOT_COLUMNS),
+        ):
+            found = _table_columns(connection, table)
+            if found and sorted(found) != sorted(columns):
+                raise EventStoreError(
+                    f"table {table!r} in {path!r} is not a trio_es table (its columns are "
+                    f"{', '.join(found)}); choose another table name"
+                )
+        for ddl in statements.create:
+            connection.execute(ddl)
+        connection.execute(
+            statements.insert_schema_version, (events_table, snapshots_table, SCHEMA_VERSION)
+        )
+        version = connection.execute(statements.select_schema_version, (events_table,)).fetchall()[
+            0
+        ][0]
+        if version != SCHEMA_VERSION:
+            raise EventStoreError(
+                f"table {events_table!r} in {path!r} has schema version {version}, this "
+                f"trio_es reads version {SCHEMA_VERSION}; use the trio_es release that "
+                "wrote it"
+            )
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+
+
+def _open_reader(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    connection = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        connection.execute("PRAGMA query_only=ON")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _check_path(path: object) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike (got {path!r})")
+    text = os.fsdecode(os.fspath(path))
+    if text in ("", ":memory:"):
+        raise ValueError(
+            f"SqliteStore needs a database file that its two connections share (got {text!r}); "
+            "for a throwaway store use a file in a temporary directory"
+        )
+    return text
+
+
+def _check_busy_timeout(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"busy_timeout_ms must be an int >= 0 (got {value!r})")
+    return value
+
+
+def _check_synchronous(value: object) -> str:
+    if not isinstance(value, str) or value.upper() not in _SYNCHRONOUS:
+        raise ValueError(
+            f"synchronous must be one of {', '.join(_SYNCHRONOUS)} (got {value!r}); FULL keeps "
+            "every acknowledged commit through a power cut"
+        )
+    return value.upper()
+
+
+@final
+@attrs.define(eq=False)
+class SqliteTransaction(Generic[EventT, EntityT]):
+    """A transaction of a :class:`SqliteStore`: buffered writes, applied when the block exits.
+
+    Only meaningful inside its ``async with store.transaction()`` block.
+    """
+
+    _store: SqliteStore[EventT, EntityT]
+    _pending: PendingWrites[EventT, EntityT]
+    _finished: bool = False
+
+
+@final
+@attrs.define(eq=False)
+class SqliteStore(Generic[EventT, EntityT]):
+    """An event store in a SQLite file; open it with :meth:`SqliteStore.open`.
+
+    Several stores, in one process or several, may use the same file: commits are
+    serialized by SQLite's write lock and checked for optimistic concurrency, so two
+    writers that decided on the same sequence never both succeed.
+
+    Attributes:
+        path: the database file.
+        aggregate_type: the value of the ``aggregate_type`` column for this store's rows;
+            stores with different types share tables without seeing each other's data.
+        transcoder: encodes and decodes events, snapshot entities and metadata.
+    """
+
+    path: str
+    aggregate_type: str
+    transcoder: Transcoder
+    _statements: Statements
+    _writer: _Connection
+    _reader: _Connection
+    _busy_timeout_ms: int
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        transcoder: Transcoder,
+        aggregate_type: str = "default",
+        events_table: str = "events",
+        snapshots_table: str = "snapshots",
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+    ) -> AsyncIterator[SqliteStore[Any, Any]]:
+        """Open (creating if needed) the store in ``path``; close it when the block exits.
+
+        The tables and the schema-version row are created on first open, idempotently,
+        even when several processes open a new file at once.
+
+        Args:
+            path: the database file. ``":memory:"`` is refused: the store's two
+                connections must share the data; use a temporary file instead.
+            transcoder: with every event class (and, for snapshots, the entity class)
+                registered.
+            aggregate_type: the ``aggregate_type`` column value of this store's rows.
+            events_table: the events table name (a plain identifier).
+            snapshots_table: the snapshots table name (a plain identifier).
+            synchronous: SQLite's ``PRAGMA synchronous``: ``"FULL"`` (default) makes an
+                acknowledged commit survive a power cut; ``"NORMAL"`` is faster and
+                survives a process crash but may lose the last commits on power loss.
+            busy_timeout_ms: how long a commit waits for another connection's write lock
+                before it fails with the retryable ``TransactionFailed``.
+
+        Raises:
+            ValueError, TypeError: an argument is invalid (nothing was opened).
+            EventStoreError: ``path`` is not a SQLite database (the file is left as it
+                was), cannot be opened, or holds tables of another layout.
+        """
+        if not isinstance(transcoder, Transcoder):
+            raise TypeError(f"transcoder must be a Transcoder (got {transcoder!r})")
+        text_path = _check_path(path)
+        aggregate_type = check_aggregate_type(aggregate_type)
+        statements = Statements.build(
+            _DIALECT, events_table=events_table, snapshots_table=snapshots_table
+        )
+        synchronous = _check_synchronous(synchronous)
+        busy_timeout_ms = _check_busy_timeout(busy_timeout_ms)
+        try:
+            writer = await trio.to_thread.run_sync(
+                _open_writer,
+                text_path,
+                statements,
+                events_table,
+                snapshots_table,
+                synchronous,
+                busy_timeout_ms,
+            )
+        except sqlite3.Error as error:
+            raise _translate(
+                error, doing="opening", path=text_path, busy_timeout_ms=busy_timeout_ms
+            ) from error
+        store: SqliteStore[Any, Any] | None = None
+        try:
+            try:
+                reader = await trio.to_thread.run_sync(_open_reader, text_path, busy_timeout_ms)
+            except sqlite3.Error as error:
+                raise _translate(
+                    error, doing="opening", path=text_path, busy_timeout_ms=busy_timeout_ms
+                ) from error
+            store = cls(
+                text_path,
+                aggregate_type,
+                transcoder,
+                statements,
+                _Connection(writer, "writer"),
+                _Connection(reader, "reader"),
+                busy_timeout_ms,
+            )
+            yield store
+        finally:
+            if store is None:
+                writer.close()
+            else:
+                await store._close()
+
+    async def _close(self) -> None:
+        for connection in (self._writer, self._reader):
+            with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True) as scope:
+                await connection.close()
+            if scope.cancelled_caught:  # pragma: no cover - a thread call hung
+                logger.error(
+                    "gave up closing the SQLite %s connection to %r after %s s",
+                    connection.role,
+                    self.path,
+                    _CLOSE_TIMEOUT_S,
+                )
+
+    async def _run(
+        self, connection: _Connection, fn: Callable[[sqlite3.Connection, _Interrupt], T], doing: str
+    ) -> T:
+        try:
+            return await connection.run(fn)
+        except sqlite3.Error as error:
+            raise _translate(
+                error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
+            ) from error
+
+    def _pending(self, tx: SqliteTransaction[EventT, EntityT]) -> PendingWrites[EventT, EntityT]:
+        if not isinstance(tx, SqliteTransaction) or tx._store is not self:
+            raise EventStoreError(
+                f"{tx!r:.80} is not a transaction of this store; pass the handle that "
+                "this store's transaction() yielded"
+            )
+        if tx._finished:
+            raise EventStoreError(
+                "the transaction has already ended; use the handle only inside its async with block"
+            )
+        return tx._pending
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteTransaction[EventT, EntityT]]:
+        """Open a transaction; its writes are committed together when the block exits.
+
+        Leaving the block with an exception writes nothing. Reads inside the block see
+        the latest committed data plus the transaction's own writes.
+
+        Raises (on exit):
+            ConcurrencyConflict: another writer appended to one of the aggregates first;
+                nothing of this transaction was written.
+            TransactionFailed: the database stayed locked longer than ``busy_timeout_ms``.
+            EventStoreError: SQLite failed; nothing was written.
+        """
+        pending: PendingWrites[EventT, EntityT] = PendingWrites(
+            self.transcoder, self.aggregate_type
+        )
+        tx = SqliteTransaction(self, pending)
+        try:
+            yield tx
+        finally:
+            tx._finished = True
+        if not pending.has_writes:
+            return
+        plan = _Commit(
+            self._statements,
+            self.aggregate_type,
+            pending.expected,
+            pending.event_rows,
+            pending.snapshot_rows(),
+            self._busy_timeout_ms,
+        )
+        await self._run(
+            self._writer, functools.partial(_commit, plan=plan), "committing a transaction"
+        )
+
+    async def load_events(
+        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str, start_from: int
+    ) -> list[SerializedEventEnvelope[EventT]]:
+        """The aggregate's events with ``sequence > start_from``, in sequence order.
+
+        Raises:
+            EventStoreError: a stored event cannot be decoded (the message names the
+                aggregate, sequence, type and version), or SQLite failed.
+        """
+        pending = self._pending(tx)
+        aggregate_id = check_text(aggregate_id, "aggregate_id")
+        start_from = max(start_from, 0)
+        stored: list[SerializedEventEnvelope[EventT]] = []
+        if pending.needs_stored_events(aggregate_id, start_from):
+            statements, transcoder, aggregate_type = (
+                self._statements,
+                self.transcoder,
+                self.aggregate_type,
+            )
+
+            def read(connection: sqlite3.Connection, _: _Interrupt) -> list[Any]:
+                rows = connection.execute(
+                    statements.select_events, (aggregate_type, aggregate_id, start_from)
+                ).fetchall()
+                return [
+                    decode_event_row(transcoder, aggregate_type, aggregate_id, row) for row in rows
+                ]
+
+            stored = await self._run(self._reader, read, "loading events")
+        return pending.merge_events(aggregate_id, start_from, stored)
+
+    async def commit_events(
+        self,
+        tx: SqliteTransaction[EventT, EntityT],
+        aggregate: Aggregate[EntityT],
+        events: Sequence[EventT],
+        metadata: Metadata,
+    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
+        """Encode ``events`` and buffer them after ``aggregate.sequence``.
+
+        The sequence check happens when the transaction commits (in the same database
+        transaction as the write), so a conflict is raised when the block exits.
+
+        Raises:
+            EventStoreError: an event or the metadata cannot be encoded; nothing is
+                buffered and nothing will be written for this call.
+        """
+        return self._pending(tx).stage_events(aggregate, events, metadata)
+
+    async def load_snapshot(
+        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str
+    ) -> Snapshot[EntityT] | None:
+        """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
+        pending = self._pending(tx)
+        aggregate_id = check_text(aggregate_id, "aggregate_id")
+        staged = pending.snapshot(aggregate_id)
+        if staged is not None:
+            return staged
+        statements, transcoder, aggregate_type = (
+            self._statements,
+            self.transcoder,
+            self.aggregate_type,
+        )
+
+        def read(connection: sqlite3.Connection, _: _Interrupt) -> Snapshot[Any] | None:
+            rows = connection.execute(
+                statements.select_snapshot, (aggregate_type, aggregate_id)
+            ).fetchall()
+            return decode_snapshot_row(transcoder, aggregate_id, rows[0]) if rows else None
+
+        return await self._run(self._reader, read, "loading a snapshot")
+
+    async def save_snapshot(
+        self, tx: SqliteTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
+    ) -> None:
+        """Encode ``snapshot`` and buffer it; it replaces the stored one on commit.
+
+        Raises:
+            EventStoreError: the entity cannot be encoded or the timestamp is naive.
+        """
+        self._pending(tx).stage_snapshot(snapshot)
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> list[StoredEvent[EventT]]:
+        """Up to ``limit`` events of this store's aggregate type after ``after_position``.
+
+        In ``global_position`` order, which is commit order: page through the whole log
+        by passing the last position seen. Not part of the ``EventStore`` protocol.
+
+        Raises:
+            ValueError: ``after_position < 0`` or ``limit < 1``.
+            EventStoreError: a stored event cannot be decoded, or SQLite failed.
+        """
+        after_position, limit = check_read_all(after_position, limit)
+        statements, transcoder, aggregate_type = (
+            self._statements,
+            self.transcoder,
+            self.aggregate_type,
+        )
+
+        def read(connection: sqlite3.Connection, _: _Interrupt) -> list[StoredEvent[Any]]:
+            rows = connection.execute(
+                statements.select_all, (aggregate_type, after_position, limit)
+            ).fetchall()
+            return [
+                StoredEvent(
+                    position,
+                    decode_event_row(transcoder, aggregate_type, aggregate_id, rest),
+                    parse_utc(recorded_at),
+                )
+                for position, aggregate_id, *rest, recorded_at in rows
+            ]
+
+        return await self._run(self._reader, read, "reading all events")

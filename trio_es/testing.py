@@ -1,0 +1,497 @@
+"""A conformance suite for event stores: run trio_es's store tests against your store.
+
+Subclass :class:`EventStoreConformance` in a test module and give it a ``store`` fixture
+that yields a fresh, empty store whose transcoder (if it serializes) comes from
+:func:`conformance_transcoder`::
+
+    from trio_es.testing import EventStoreConformance, conformance_transcoder
+
+    class TestMyStore(EventStoreConformance):
+        @pytest.fixture
+        async def store(self, tmp_path):
+            async with MyStore.open(tmp_path / "db", transcoder=conformance_transcoder()) as s:
+                yield s
+
+pytest collects every ``test_*`` method of the subclass. The tests need pytest and
+pytest-trio with ``trio_mode = true`` (or mark them yourself). Class attributes switch
+off what a store does not have:
+
+* ``supports_serialization = False`` for stores that keep Python objects (the memory
+  store): the serialization-error tests are skipped.
+* ``supports_read_all = False`` for stores without ``read_all(after_position, limit)``.
+
+Every test talks to the store only through the ``EventStore`` protocol (plus
+``read_all``), inside ``async with store.transaction() as tx`` blocks, and holds no
+transaction open while it waits for another, so stores that lock rows or tables inside
+a transaction pass too.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any, ClassVar, Final
+
+import attrs
+import pytest
+import trio
+import trio.lowlevel
+
+from ._errors import ConcurrencyConflict, EventStoreError
+from ._serialization import Transcoder
+from ._types import Aggregate, Metadata, Snapshot, utc_now
+
+__all__ = [
+    "ODD_IDS",
+    "ODD_METADATA",
+    "Added",
+    "Counter",
+    "EventStoreConformance",
+    "Renamed",
+    "Tagged",
+    "Unregistered",
+    "conformance_transcoder",
+]
+
+
+@attrs.frozen
+class Added:
+    """Conformance event: add ``amount`` to the counter."""
+
+    amount: int
+
+
+@attrs.frozen
+class Renamed:
+    """Conformance event: rename the counter."""
+
+    name: str
+
+
+@attrs.frozen
+class Tagged:
+    """Conformance event with a nested collection and a timestamp."""
+
+    tags: tuple[str, ...]
+    at: datetime.datetime
+
+
+@attrs.frozen
+class Unregistered:
+    """An event class that :func:`conformance_transcoder` does not register."""
+
+    note: str
+
+
+@attrs.frozen
+class Counter:
+    """The conformance entity, kept in snapshots."""
+
+    total: int = 0
+    name: str = ""
+
+
+def conformance_transcoder() -> Transcoder:
+    """A transcoder with the conformance events and entity registered (not ``Unregistered``)."""
+    transcoder = Transcoder()
+    transcoder.register_event(Added, name="conformance.Added")
+    transcoder.register_event(Renamed, name="conformance.Renamed")
+    transcoder.register_event(Tagged, name="conformance.Tagged")
+    transcoder.register_entity(Counter, name="conformance.Counter")
+    return transcoder
+
+
+#: Aggregate ids that break naive SQL or encodings. The long one is repetitive on
+#: purpose: PostgreSQL's btree indexes take long keys only when they compress.
+ODD_IDS: Final = (
+    "it's",
+    'say "hi"',
+    "x'; DROP TABLE events; --",
+    "Robert'); DELETE FROM snapshots WHERE ('1'='1",
+    "percent %s %(name)s ? $1 :name",
+    "back\\slash and new\nline\ttab",
+    "ünïcødé 日本語 العربية 🎉",
+    " ",
+    "x" * 10_000,
+)
+
+#: Metadata with empty, quoted, SQL-like, JSON-like, repeated and long strings.
+ODD_METADATA: Final[Metadata] = (
+    ("", ""),
+    ("quote'", 'double"'),
+    ("sql", "'); DROP TABLE events; --"),
+    ("json", '{"a": [1, 2], "b": null}'),
+    ("unicode", "日本語 🎉 ünï"),
+    ("repeated", "1"),
+    ("repeated", "2"),
+    ("long", "y" * 10_000),
+)
+
+_NO_ENTITY: Final = Counter()
+
+
+async def _commit(
+    store: Any,
+    aggregate_id: str,
+    sequence: int,
+    events: Sequence[Any],
+    metadata: Metadata = (),
+) -> tuple[list[Any], int]:
+    async with store.transaction() as tx:
+        result: tuple[list[Any], int] = await store.commit_events(
+            tx, Aggregate(aggregate_id, _NO_ENTITY, sequence), events, metadata
+        )
+    return result
+
+
+async def _load(store: Any, aggregate_id: str, start_from: int = 0) -> list[Any]:
+    async with store.transaction() as tx:
+        events: list[Any] = await store.load_events(tx, aggregate_id, start_from)
+    return events
+
+
+async def _snapshot(store: Any, aggregate_id: str) -> Snapshot[Any] | None:
+    async with store.transaction() as tx:
+        snapshot: Snapshot[Any] | None = await store.load_snapshot(tx, aggregate_id)
+    return snapshot
+
+
+def _shape(envelopes: Sequence[Any]) -> list[tuple[str, int, Any, Metadata]]:
+    return [(e.aggregate_id, e.sequence, e.payload, e.metadata) for e in envelopes]
+
+
+class EventStoreConformance:
+    """The store tests; subclass it (as ``Test...``) and define a ``store`` fixture."""
+
+    #: False for stores that keep objects and cannot fail to serialize.
+    supports_serialization: ClassVar[bool] = True
+    #: False for stores without ``read_all(after_position, limit)``.
+    supports_read_all: ClassVar[bool] = True
+
+    @pytest.fixture
+    def store(self) -> Any:
+        """Override: yield a fresh, empty store (an async fixture is fine)."""
+        raise NotImplementedError(
+            "define a `store` fixture in your EventStoreConformance subclass that yields a "
+            "fresh, empty store"
+        )
+
+    # -- appending and loading --
+
+    async def test_unknown_aggregate_has_no_events(self, store: Any) -> None:
+        """Loading an aggregate that was never written returns an empty list."""
+        assert await _load(store, "nobody") == []
+
+    async def test_append_then_load_in_order(self, store: Any) -> None:
+        """Committed events load back in sequence order, numbered from 1, with metadata."""
+        events = [Added(1), Renamed("savings"), Added(-3)]
+        await _commit(store, "acc", 0, events, (("user", "ann"),))
+        loaded = await _load(store, "acc")
+        assert _shape(loaded) == [
+            ("acc", i, event, (("user", "ann"),)) for i, event in enumerate(events, start=1)
+        ]
+
+    async def test_commit_returns_the_stored_envelopes_and_new_sequence(self, store: Any) -> None:
+        """commit_events returns the envelopes a later load returns, and the new sequence."""
+        envelopes, sequence = await _commit(store, "acc", 0, [Added(1), Added(2)], (("k", "v"),))
+        assert sequence == 2
+        assert _shape(envelopes) == _shape(await _load(store, "acc"))
+
+    async def test_commits_continue_the_sequence(self, store: Any) -> None:
+        """Successive commits append after the previous one without gaps."""
+        _, sequence = await _commit(store, "acc", 0, [Added(1)])
+        _, sequence = await _commit(store, "acc", sequence, [Added(2), Added(3)])
+        _, sequence = await _commit(store, "acc", sequence, [Added(4)])
+        assert sequence == 4
+        loaded = await _load(store, "acc")
+        assert [(e.sequence, e.payload) for e in loaded] == [(i, Added(i)) for i in range(1, 5)]
+
+    async def test_load_from_start_from(self, store: Any) -> None:
+        """load_events returns only events with a sequence greater than start_from."""
+        await _commit(store, "acc", 0, [Added(i) for i in range(1, 6)])
+        assert [e.sequence for e in await _load(store, "acc", 2)] == [3, 4, 5]
+        assert [e.sequence for e in await _load(store, "acc", 5)] == []
+        assert [e.sequence for e in await _load(store, "acc", 99)] == []
+
+    async def test_zero_events_commit_writes_nothing(self, store: Any) -> None:
+        """Committing no events returns no envelopes and the unchanged sequence."""
+        assert await _commit(store, "acc", 0, []) == ([], 0)
+        assert await _load(store, "acc") == []
+
+    async def test_many_events_in_one_commit(self, store: Any) -> None:
+        """A commit of 1000 events stores all of them in order."""
+        await _commit(store, "big", 0, [Added(i) for i in range(1000)])
+        loaded = await _load(store, "big")
+        assert [e.payload.amount for e in loaded] == list(range(1000))
+        assert [e.sequence for e in loaded] == list(range(1, 1001))
+
+    async def test_event_values_round_trip(self, store: Any) -> None:
+        """Nested tuples and aware datetimes in events load back equal."""
+        event = Tagged(("a", "b c", "ü"), datetime.datetime(2024, 2, 29, 12, 0, 1, 5, datetime.UTC))
+        await _commit(store, "acc", 0, [event])
+        assert [e.payload for e in await _load(store, "acc")] == [event]
+
+    async def test_metadata_round_trips(self, store: Any) -> None:
+        """Odd metadata (quoted, SQL-like, repeated, 10 kB) is kept with each event of a commit."""
+        await _commit(store, "acc", 0, [Added(1), Added(2)], ODD_METADATA)
+        assert [e.metadata for e in await _load(store, "acc")] == [ODD_METADATA, ODD_METADATA]
+
+    async def test_aggregates_are_isolated(self, store: Any) -> None:
+        """Events of one aggregate never appear in another's stream."""
+        await _commit(store, "a", 0, [Added(1)])
+        await _commit(store, "b", 0, [Added(2), Added(3)])
+        assert [e.payload for e in await _load(store, "a")] == [Added(1)]
+        assert [e.payload for e in await _load(store, "b")] == [Added(2), Added(3)]
+
+    async def test_transaction_sees_its_own_writes(self, store: Any) -> None:
+        """Inside a transaction, loads include the events and snapshot it has written."""
+        await _commit(store, "acc", 0, [Added(1)])
+        snapshot = Snapshot("acc", Counter(3), 2, utc_now())
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 1), [Added(2)], ())
+            await store.save_snapshot(tx, snapshot)
+            inside = await store.load_events(tx, "acc", 0)
+            assert [(e.sequence, e.payload) for e in inside] == [(1, Added(1)), (2, Added(2))]
+            assert [e.sequence for e in await store.load_events(tx, "acc", 1)] == [2]
+            loaded = await store.load_snapshot(tx, "acc")
+            assert loaded is not None
+            assert (loaded.entity, loaded.sequence) == (Counter(3), 2)
+
+    # -- snapshots --
+
+    async def test_no_snapshot_is_none(self, store: Any) -> None:
+        """An aggregate without a snapshot loads None."""
+        assert await _snapshot(store, "acc") is None
+
+    async def test_snapshot_save_and_load(self, store: Any) -> None:
+        """A saved snapshot loads back with its entity, sequence and timestamp."""
+        await _commit(store, "acc", 0, [Added(5)])
+        snapshot = Snapshot("acc", Counter(5, "main"), 1, utc_now())
+        async with store.transaction() as tx:
+            await store.save_snapshot(tx, snapshot)
+        assert await _snapshot(store, "acc") == snapshot
+        assert await _snapshot(store, "other") is None
+
+    async def test_snapshot_is_replaced(self, store: Any) -> None:
+        """Saving a newer snapshot replaces the older one."""
+        await _commit(store, "acc", 0, [Added(1), Added(2)])
+        first = Snapshot("acc", Counter(1), 1, utc_now())
+        second = Snapshot("acc", Counter(3), 2, utc_now())
+        async with store.transaction() as tx:
+            await store.save_snapshot(tx, first)
+        async with store.transaction() as tx:
+            await store.save_snapshot(tx, second)
+        assert await _snapshot(store, "acc") == second
+
+    async def test_snapshot_committed_with_events(self, store: Any) -> None:
+        """Events and a snapshot written in one transaction are both stored."""
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 0), [Added(7)], ())
+            await store.save_snapshot(tx, Snapshot("acc", Counter(7), 1, utc_now()))
+        assert [e.payload for e in await _load(store, "acc")] == [Added(7)]
+        snapshot = await _snapshot(store, "acc")
+        assert snapshot is not None
+        assert (snapshot.entity, snapshot.sequence) == (Counter(7), 1)
+
+    # -- optimistic concurrency and atomicity --
+
+    async def test_stale_sequence_conflicts_and_writes_nothing(self, store: Any) -> None:
+        """A commit decided on an old sequence raises ConcurrencyConflict and writes nothing."""
+        await _commit(store, "acc", 0, [Added(1), Added(2)])
+        with pytest.raises(ConcurrencyConflict) as info:
+            await _commit(store, "acc", 1, [Added(99)])
+        assert (info.value.aggregate_id, info.value.expected_sequence) == ("acc", 1)
+        assert info.value.actual_sequence == 2
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
+        # The store is still usable: a commit on the right sequence succeeds.
+        assert (await _commit(store, "acc", 2, [Added(3)]))[1] == 3
+
+    async def test_ahead_sequence_conflicts(self, store: Any) -> None:
+        """A commit that claims a sequence the aggregate has not reached is refused."""
+        await _commit(store, "acc", 0, [Added(1)])
+        with pytest.raises(ConcurrencyConflict):
+            await _commit(store, "acc", 5, [Added(2)])
+        assert [e.sequence for e in await _load(store, "acc")] == [1]
+
+    async def test_two_transactions_on_the_same_sequence_exactly_one_wins(self, store: Any) -> None:
+        """Two concurrent transactions on the same sequence: one commits, the other conflicts."""
+        await _commit(store, "acc", 0, [Added(1)])
+        outcomes: dict[int, str] = {}
+
+        async def attempt(amount: int) -> None:
+            try:
+                async with store.transaction() as tx:
+                    await store.commit_events(
+                        tx, Aggregate("acc", _NO_ENTITY, 1), [Added(amount)], ()
+                    )
+                    # Let the other transaction stage its write before this one commits.
+                    await trio.sleep(0.01)
+                outcomes[amount] = "won"
+            except ConcurrencyConflict:
+                outcomes[amount] = "conflict"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, 10)
+            nursery.start_soon(attempt, 20)
+        assert sorted(outcomes.values()) == ["conflict", "won"]
+        winner = next(amount for amount, result in outcomes.items() if result == "won")
+        loaded = await _load(store, "acc")
+        assert [(e.sequence, e.payload) for e in loaded] == [(1, Added(1)), (2, Added(winner))]
+
+    async def test_conflict_in_multi_aggregate_transaction_writes_nothing(self, store: Any) -> None:
+        """A conflict on one aggregate of a transaction discards its writes to every aggregate."""
+        await _commit(store, "y", 0, [Added(1)])
+
+        async def write_both() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("x", _NO_ENTITY, 0), [Added(1)], ())
+                await store.save_snapshot(tx, Snapshot("x", Counter(1), 1, utc_now()))
+                await store.commit_events(tx, Aggregate("y", _NO_ENTITY, 0), [Added(2)], ())
+
+        with pytest.raises(ConcurrencyConflict) as info:
+            await write_both()
+        assert info.value.aggregate_id == "y"
+        assert await _load(store, "x") == []
+        assert await _snapshot(store, "x") is None
+        assert [e.payload for e in await _load(store, "y")] == [Added(1)]
+
+    async def test_exception_in_block_rolls_back(self, store: Any) -> None:
+        """An exception inside the block propagates unchanged and the block writes nothing."""
+        await _commit(store, "acc", 0, [Added(1)])
+        boom = RuntimeError("boom")
+
+        async def fail_inside() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 1), [Added(2)], ())
+                await store.save_snapshot(tx, Snapshot("acc", Counter(3), 2, utc_now()))
+                raise boom
+
+        with pytest.raises(RuntimeError) as info:
+            await fail_inside()
+        assert info.value is boom
+        assert [e.sequence for e in await _load(store, "acc")] == [1]
+        assert await _snapshot(store, "acc") is None
+        assert (await _commit(store, "acc", 1, [Added(2)]))[1] == 2
+
+    async def test_concurrent_writers_keep_sequences_contiguous(self, store: Any) -> None:
+        """Writers racing with reload-and-retry on conflicts never lose or duplicate an event."""
+        writers, commits = 4, 10
+
+        async def writer(number: int) -> None:
+            for index in range(commits):
+                while True:
+                    loaded = await _load(store, "shared")
+                    await trio.lowlevel.checkpoint()  # let the others read the same sequence
+                    try:
+                        await _commit(store, "shared", len(loaded), [Added(number * 100 + index)])
+                        break
+                    except ConcurrencyConflict:
+                        continue
+
+        async with trio.open_nursery() as nursery:
+            for number in range(writers):
+                nursery.start_soon(writer, number)
+        loaded = await _load(store, "shared")
+        assert [e.sequence for e in loaded] == list(range(1, writers * commits + 1))
+        assert sorted(e.payload.amount for e in loaded) == sorted(
+            n * 100 + i for n in range(writers) for i in range(commits)
+        )
+
+    # -- odd input --
+
+    async def test_odd_aggregate_ids_round_trip(self, store: Any) -> None:
+        """Ids with quotes, SQL fragments, unicode, whitespace and 10 kB round-trip, isolated."""
+        for number, aggregate_id in enumerate(ODD_IDS):
+            await _commit(store, aggregate_id, 0, [Added(number), Added(-number)], ODD_METADATA)
+            async with store.transaction() as tx:
+                await store.save_snapshot(tx, Snapshot(aggregate_id, Counter(number), 2, utc_now()))
+        for number, aggregate_id in enumerate(ODD_IDS):
+            loaded = await _load(store, aggregate_id)
+            assert _shape(loaded) == [
+                (aggregate_id, 1, Added(number), ODD_METADATA),
+                (aggregate_id, 2, Added(-number), ODD_METADATA),
+            ]
+            snapshot = await _snapshot(store, aggregate_id)
+            assert snapshot is not None
+            assert (snapshot.aggregate_id, snapshot.entity) == (aggregate_id, Counter(number))
+
+    async def test_unregistered_event_raises_and_writes_nothing(self, store: Any) -> None:
+        """An event the store cannot serialize raises EventStoreError naming the fix; no writes."""
+        if not self.supports_serialization:
+            pytest.skip("this store keeps objects and serializes nothing")
+        await _commit(store, "acc", 0, [Added(1)])
+
+        async def write_unregistered() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("other", _NO_ENTITY, 0), [Added(5)], ())
+                await store.commit_events(
+                    tx, Aggregate("acc", _NO_ENTITY, 1), [Added(2), Unregistered("x")], ()
+                )
+
+        with pytest.raises(EventStoreError, match="register"):
+            await write_unregistered()
+        assert [e.sequence for e in await _load(store, "acc")] == [1]
+        assert await _load(store, "other") == []
+
+    async def test_unregistered_entity_raises_and_writes_nothing(self, store: Any) -> None:
+        """An entity the store cannot serialize raises EventStoreError; the block writes nothing."""
+        if not self.supports_serialization:
+            pytest.skip("this store keeps objects and serializes nothing")
+
+        async def snapshot_unregistered() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 0), [Added(1)], ())
+                await store.save_snapshot(tx, Snapshot("acc", Unregistered("x"), 1, utc_now()))
+
+        with pytest.raises(EventStoreError, match="register"):
+            await snapshot_unregistered()
+        assert await _load(store, "acc") == []
+        assert await _snapshot(store, "acc") is None
+
+    # -- read_all --
+
+    async def test_read_all_in_commit_order(self, store: Any) -> None:
+        """read_all returns committed events of all aggregates in commit order, positions rising."""
+        if not self.supports_read_all:
+            pytest.skip("this store has no read_all")
+        await _commit(store, "a", 0, [Added(1), Added(2)])
+        await _commit(store, "b", 0, [Added(3)])
+        await _commit(store, "a", 2, [Added(4)])
+
+        async def rolled_back() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("c", _NO_ENTITY, 0), [Added(0)], ())
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError, match="rolled back"):
+            await rolled_back()
+        stored = await store.read_all(0, 100)
+        assert [(s.envelope.aggregate_id, s.envelope.sequence) for s in stored] == [
+            ("a", 1),
+            ("a", 2),
+            ("b", 1),
+            ("a", 3),
+        ]
+        assert [s.envelope.payload for s in stored] == [Added(1), Added(2), Added(3), Added(4)]
+        positions = [s.global_position for s in stored]
+        assert positions == sorted(set(positions))
+        assert positions[0] > 0
+        assert await store.read_all(positions[-1], 100) == []
+
+    async def test_read_all_pages(self, store: Any) -> None:
+        """Paging read_all by the last position seen yields every event exactly once."""
+        if not self.supports_read_all:
+            pytest.skip("this store has no read_all")
+        for number in range(7):
+            await _commit(store, f"agg-{number % 3}", number // 3, [Added(number)])
+        pages: list[list[Any]] = []
+        after = 0
+        while page := await store.read_all(after, 3):
+            pages.append(page)
+            after = page[-1].global_position
+        assert [len(page) for page in pages] == [3, 3, 1]
+        assert [s.envelope.payload for page in pages for s in page] == [Added(n) for n in range(7)]
+        with pytest.raises(ValueError, match="limit"):
+            await store.read_all(0, 0)
+        with pytest.raises(ValueError, match="after_position"):
+            await store.read_all(-1, 10)
