@@ -15,9 +15,9 @@ import outcome
 import trio
 
 from ._errors import ConcurrencyConflict, EventStoreError
+from ._store import check_read_all
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
-from ._store import check_read_all
 from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot, StoredEvent, utc_now
 from ._validated import Timeout
 
