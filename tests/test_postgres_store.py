@@ -43,11 +43,11 @@ from trio_es.testing import (
     conformance_transcoder,
 )
 
-from . import _bank, _pg
+from . import _bank, _batching, _pg
 
 pytestmark = pytest.mark.postgres
 
-WORKER = Path(__file__).with_name("pg_multiprocess_worker.py")
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ACCOUNTS = ["acc-a", "acc-b", "acc-c"]
 
 
@@ -100,6 +100,18 @@ class TestPostgresStoreConformance(EventStoreConformance):
         """A fresh store on a fresh database."""
         async with PostgresStore.open(postgres_dsn, transcoder=conformance_transcoder()) as s:
             yield s
+
+
+async def test_concurrent_commits_share_database_transactions(postgres_dsn: str) -> None:
+    """Group commit: concurrent transactions are committed together, every one of them stored."""
+    async with _open(postgres_dsn) as store:
+        await _batching.assert_concurrent_commits_share_transactions(store)
+
+
+async def test_lone_commits_are_committed_at_once(postgres_dsn: str) -> None:
+    """Group commit at low load: a lone transaction commits alone, without waiting for company."""
+    async with _open(postgres_dsn) as store:
+        await _batching.assert_lone_commits_are_not_batched(store)
 
 
 def _open(dsn: str, **options: Any) -> Any:
@@ -562,9 +574,12 @@ async def test_cancelling_a_read_waiting_for_a_table_lock(
 async def test_pool_survives_terminated_backends(postgres_dsn: str, raw: Any, blocker: Any) -> None:
     """Backends killed by pg_terminate_backend, idle or mid-query, are replaced transparently."""
     async with _open(postgres_dsn, pool_size=2) as store:
+        for number in range(4):
+            await _commit(store, f"acc-{number}", 0, [Added(number)])
+        # Concurrent reads (commits would share one batch) open both pooled connections.
         async with trio.open_nursery() as nursery:
             for number in range(4):
-                nursery.start_soon(_commit, store, f"acc-{number}", 0, [Added(number)])
+                nursery.start_soon(_load, store, f"acc-{number}")
         killed = [pid for pid, _, _ in _store_backends(raw)]
         assert len(killed) == 2
         raw.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (killed,))
@@ -770,10 +785,11 @@ async def _seed_accounts(dsn: str) -> None:
                 )
 
 
+@pytest.mark.parametrize("mode", ["transfer", "transfer:8"], ids=["alone", "group-commit"])
 async def test_killed_writers_lose_no_acknowledged_command(
-    postgres_dsn: str, tmp_path: Path, raw: Any
+    postgres_dsn: str, tmp_path: Path, raw: Any, mode: str
 ) -> None:
-    """Transfer processes SIGKILLed at random: acknowledged transfers stay, none is half-written."""
+    """Writers SIGKILLed at random, even mid-batch: acked transfers stay, none is half-written."""
     await _seed_accounts(postgres_dsn)
     rng = random.Random(1_000_003)
     logs: list[Path] = []
@@ -782,7 +798,7 @@ async def test_killed_writers_lose_no_acknowledged_command(
         logs.extend(round_logs)
         processes = [
             await trio.lowlevel.open_process(
-                _worker("transfer", postgres_dsn, log, round_number * 10 + n + 1, 1_000_000),
+                _worker(mode, postgres_dsn, log, round_number * 10 + n + 1, 1_000_000),
                 env=_worker_env(),
             )
             for n, log in enumerate(round_logs)

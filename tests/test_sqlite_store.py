@@ -38,7 +38,7 @@ from trio_es._types import Snapshot, utc_now
 from trio_es.sqlite_store import SqliteStore, StoredEvent
 from trio_es.testing import Added, Counter, EventStoreConformance, conformance_transcoder
 
-from . import _bank
+from . import _bank, _batching
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ACCOUNTS = ["acc-a", "acc-b", "acc-c"]
@@ -54,6 +54,18 @@ class TestSqliteStoreConformance(EventStoreConformance):
             tmp_path / "store.db", transcoder=conformance_transcoder()
         ) as s:
             yield s
+
+
+async def test_concurrent_commits_share_database_transactions(tmp_path: Path) -> None:
+    """Group commit: concurrent transactions are committed together, every one of them stored."""
+    async with _open(tmp_path / "store.db") as store:
+        await _batching.assert_concurrent_commits_share_transactions(store)
+
+
+async def test_lone_commits_are_committed_at_once(tmp_path: Path) -> None:
+    """Group commit at low load: a lone transaction commits alone, without waiting for company."""
+    async with _open(tmp_path / "store.db") as store:
+        await _batching.assert_lone_commits_are_not_batched(store)
 
 
 def _open(path: Path, **options: Any) -> Any:
@@ -588,8 +600,9 @@ async def test_processes_share_one_file(tmp_path: Path) -> None:
     await _integrity_ok(path)
 
 
-async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path) -> None:
-    """Writers SIGKILLed at random moments lose no acknowledged transfer and half-write none."""
+@pytest.mark.parametrize("mode", ["transfer", "transfer:8"], ids=["alone", "group-commit"])
+async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path, mode: str) -> None:
+    """Writers SIGKILLed at random, even mid-batch: acked transfers stay, none is half-written."""
     path = tmp_path / "bank.db"
     await _seed_accounts(path)
     rng = random.Random(20240229)
@@ -601,7 +614,7 @@ async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path) -> No
         for number, log in enumerate(round_logs):
             worker = round_number * 10 + number + 1
             processes.append(
-                await trio.lowlevel.open_process(_worker("transfer", path, log, worker, 100_000))
+                await trio.lowlevel.open_process(_worker(mode, path, log, worker, 100_000))
             )
         try:
             with trio.fail_after(20):

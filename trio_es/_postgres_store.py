@@ -37,12 +37,14 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
+import outcome
 import psycopg
 import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
 
 from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
     EVENT_COLUMNS,
@@ -536,40 +538,66 @@ def _max_sequence(
     return 0 if row is None or row[0] is None else int(row[0])
 
 
-def _commit(raw: Connection, call: _Call, plan: _Commit) -> None:
-    """Check every expected sequence, write everything, commit; or write nothing.
+def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+    """Commit the plans of one or more transactions together; one outcome per plan.
 
-    Pipelined into two round trips: BEGIN with the checks, then the writes with the
-    lock and COMMIT. The second one is all the time the commit lock is held (plus the
-    server's commit), which is what bounds commit throughput across all writers.
+    Each plan is written whole or not at all. A plan decided on a stale sequence is
+    refused alone (``ConcurrencyConflict``), the others commit. Pipelined into two round
+    trips: BEGIN with the checks of every plan, then the writes with the lock and COMMIT.
+    The second one is all the time the commit lock is held (plus the server's commit),
+    which is what bounds commit throughput across all writers; a batch of plans shares it
+    and its fsync.
+
+    If PostgreSQL refuses a row of a batch (a writer that slipped in between our check
+    and our lock, an id too long for the index), the batch is rolled back and each plan
+    committed on its own, so that only the plan at fault fails.
     """
-    statements, aggregate_type = plan.statements, plan.aggregate_type
+    statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
+    results: list[outcome.Outcome[None]] = []
     committing = False
     try:
         with raw.pipeline() as pipeline, raw.cursor() as cursor, raw.cursor() as checks:
             cursor.execute("BEGIN")
-            if plan.expected:
+            aggregate_ids = list(dict.fromkeys(a for plan in plans for a in plan.expected))
+            stored: dict[str, int] = {}
+            if aggregate_ids:
                 # Checking before the commit lock keeps the serialized section short; a
                 # writer that slips in between is caught by the unique key.
                 checks.executemany(
                     statements.max_sequence,
-                    [(aggregate_type, aggregate_id) for aggregate_id in plan.expected],
+                    [(aggregate_type, aggregate_id) for aggregate_id in aggregate_ids],
                     returning=True,
                 )
                 pipeline.sync()
-                for (aggregate_id, expected), result in zip(
-                    plan.expected.items(), checks.results(), strict=True
-                ):
+                for aggregate_id, result in zip(aggregate_ids, checks.results(), strict=True):
                     row = result.fetchone()
-                    actual = 0 if row is None or row[0] is None else int(row[0])
-                    if actual != expected:
-                        raise ConcurrencyConflict(
+                    stored[aggregate_id] = 0 if row is None or row[0] is None else int(row[0])
+            accepted: list[_Commit] = []
+            for plan in plans:
+                conflict = next(
+                    (
+                        ConcurrencyConflict(
                             aggregate_id=aggregate_id,
                             expected_sequence=expected,
-                            actual_sequence=actual,
+                            actual_sequence=stored[aggregate_id],
                         )
+                        for aggregate_id, expected in plan.expected.items()
+                        if stored[aggregate_id] != expected
+                    ),
+                    None,
+                )
+                if conflict is not None:
+                    if len(plans) == 1:
+                        raise conflict
+                    results.append(outcome.Error(conflict))
+                    continue
+                accepted.append(plan)
+                results.append(outcome.Value(None))
+                for event in plan.events:
+                    stored[event.aggregate_id] = event.sequence
             call.checkpoint()
-            if plan.snapshots:
+            snapshots = [row for plan in accepted for row in plan.snapshots]
+            if snapshots:
                 cursor.executemany(
                     statements.upsert_snapshot,
                     [
@@ -582,12 +610,13 @@ def _commit(raw: Connection, call: _Call, plan: _Commit) -> None:
                             row.payload,
                             row.recorded_at,
                         )
-                        for row in plan.snapshots
+                        for row in snapshots
                     ],
                 )
-            if plan.events:
+            events = [row for plan in accepted for row in plan.events]
+            if events:
                 # Held until COMMIT: positions are drawn and become visible in one order.
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (plan.lock_key,))
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (plans[0].lock_key,))
                 recorded_at = utc_now()
                 cursor.executemany(
                     statements.insert_event,
@@ -602,18 +631,21 @@ def _commit(raw: Connection, call: _Call, plan: _Commit) -> None:
                             row.metadata,
                             recorded_at,
                         )
-                        for row in plan.events
+                        for row in events
                     ],
                 )
             committing = True
             cursor.execute("COMMIT")
             # Leaving the pipeline block sends the batch and raises its first error.
-    except psycopg.errors.UniqueViolation as error:
-        # Only a writer that skips the checks (another program, or one that committed
-        # between our check and our lock) gets here: a lost race on a sequence.
-        raise _conflict(raw, plan) from error
-    except psycopg.errors.ProgramLimitExceeded as error:
-        raise _too_long(plan, error) from error
+    except (psycopg.errors.UniqueViolation, psycopg.errors.ProgramLimitExceeded) as error:
+        if len(plans) > 1:
+            raw.rollback()
+            return [_commit_alone(raw, call, plan) for plan in plans]
+        if isinstance(error, psycopg.errors.UniqueViolation):
+            # Only a writer that skips the checks (another program, or one that committed
+            # between our check and our lock) gets here: a lost race on a sequence.
+            raise _conflict(raw, plans[0]) from error
+        raise _too_long(plans[0], error) from error
     except psycopg.OperationalError as error:
         # On a live connection an error means the server rolled the transaction back;
         # a connection lost once COMMIT was sent leaves the outcome unknown, and
@@ -621,6 +653,23 @@ def _commit(raw: Connection, call: _Call, plan: _Commit) -> None:
         if committing and raw.closed:
             raise _CommitOutcomeUnknown(_first_line(error)) from error
         raise
+    return results
+
+
+def _commit_alone(raw: Connection, call: _Call, plan: _Commit) -> outcome.Outcome[None]:
+    """Commit one plan of a batch that had to be split; its failure is its outcome."""
+    try:
+        return _commit(raw, call, [plan])[0]
+    except (
+        ConcurrencyConflict,
+        EventStoreError,
+        psycopg.DataError,
+        psycopg.IntegrityError,
+    ) as error:
+        # Leave the connection idle for the next plan of the split batch.
+        if raw.info.transaction_status != TransactionStatus.IDLE:
+            raw.rollback()
+        return outcome.Error(error)
 
 
 def _too_long(plan: _Commit, error: psycopg.Error) -> EventStoreError:
@@ -751,6 +800,11 @@ class PostgresStore(Generic[EventT, EntityT]):
     _statements: Statements
     _pool: _Pool = attrs.field(repr=False)
     _lock_key: int
+    #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
+    _group_commit: GroupCommit[_Commit] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group_commit = GroupCommit(self._commit_batch)
 
     @classmethod
     @asynccontextmanager
@@ -898,7 +952,18 @@ class PostgresStore(Generic[EventT, EntityT]):
             pending.event_rows,
             snapshots,
         )
-        await self._run(lambda raw, call: _commit(raw, call, plan), "committing a transaction")
+        await self._group_commit.commit(plan)
+
+    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+        results = await self._run(
+            lambda raw, call: _commit(raw, call, plans), "committing a transaction"
+        )
+        return [
+            outcome.Error(_translate(result.error, doing="committing", server=self.server))
+            if isinstance(result, outcome.Error) and isinstance(result.error, psycopg.Error)
+            else result
+            for result in results
+        ]
 
     async def load_events(
         self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int

@@ -36,6 +36,7 @@ import outcome
 import trio
 
 from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
     EVENT_COLUMNS,
@@ -227,40 +228,27 @@ class _Commit:
     busy_timeout_ms: int
 
 
-def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit) -> None:
-    """Check every expected sequence, write everything, commit; or write nothing."""
-    _begin_immediate(connection, interrupt, plan.busy_timeout_ms)
-    statements, aggregate_type = plan.statements, plan.aggregate_type
-    try:
-        for aggregate_id, expected in plan.expected.items():
-            actual = _max_sequence(connection, statements, aggregate_type, aggregate_id)
-            if actual != expected:
-                raise ConcurrencyConflict(
-                    aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
-                )
-        if plan.events:
-            recorded_at = utc_text(utc_now())
-            try:
-                connection.executemany(
-                    statements.insert_event,
-                    [
-                        (
-                            aggregate_type,
-                            row.aggregate_id,
-                            row.sequence,
-                            row.event_type,
-                            row.event_version,
-                            row.payload,
-                            row.metadata,
-                            recorded_at,
-                        )
-                        for row in plan.events
-                    ],
-                )
-            except sqlite3.IntegrityError as error:
-                # The checks above make this unreachable unless something wrote the table
-                # without them; it is still a lost race on an aggregate's sequence.
-                raise _conflict(connection, plan, error) from error
+def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> None:
+    """Insert the events and upsert the snapshots of ``plans`` (all of one store)."""
+    statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
+    recorded_at = utc_text(utc_now())
+    rows = [
+        (
+            aggregate_type,
+            row.aggregate_id,
+            row.sequence,
+            row.event_type,
+            row.event_version,
+            row.payload,
+            row.metadata,
+            recorded_at,
+        )
+        for plan in plans
+        for row in plan.events
+    ]
+    if rows:
+        connection.executemany(statements.insert_event, rows)
+    for plan in plans:
         for snapshot in plan.snapshots:
             connection.execute(
                 statements.upsert_snapshot,
@@ -274,9 +262,82 @@ def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit
                     utc_text(snapshot.recorded_at),
                 ),
             )
+
+
+def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit) -> None:
+    """Check every expected sequence, write everything, commit; or write nothing."""
+    _begin_immediate(connection, interrupt, plan.busy_timeout_ms)
+    try:
+        conflict = _check(connection, plan, {})
+        if conflict is not None:
+            raise conflict
+        try:
+            _write(connection, [plan])
+        except sqlite3.IntegrityError as error:
+            # The checks above make this unreachable unless something wrote the table
+            # without them; it is still a lost race on an aggregate's sequence.
+            raise _conflict(connection, plan, error) from error
         if interrupt.requested:
             raise _Interrupted
         connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+
+
+def _check(
+    connection: sqlite3.Connection, plan: _Commit, stored: dict[str, int]
+) -> ConcurrencyConflict | None:
+    """The conflict that refuses ``plan``, if any; ``stored`` caches sequences seen so far."""
+    for aggregate_id, expected in plan.expected.items():
+        actual = stored.get(aggregate_id)
+        if actual is None:
+            actual = stored[aggregate_id] = _max_sequence(
+                connection, plan.statements, plan.aggregate_type, aggregate_id
+            )
+        if actual != expected:
+            return ConcurrencyConflict(
+                aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
+            )
+    return None
+
+
+def _commit_batch(
+    connection: sqlite3.Connection, interrupt: _Interrupt, plans: list[_Commit]
+) -> list[outcome.Outcome[None]]:
+    """Commit several transactions in one: one lock, one fsync; each plan all or nothing.
+
+    A plan whose expected sequence is stale is refused alone. If the database refuses a
+    row (which the checks make unreachable unless another program writes the table), the
+    batch is rolled back and each plan committed on its own, so only that plan fails.
+    """
+    if len(plans) == 1:
+        _commit(connection, interrupt, plans[0])
+        return [outcome.Value(None)]
+    _begin_immediate(connection, interrupt, plans[0].busy_timeout_ms)
+    try:
+        stored: dict[str, int] = {}
+        results: list[outcome.Outcome[None]] = []
+        accepted: list[_Commit] = []
+        for plan in plans:
+            conflict = _check(connection, plan, stored)
+            if conflict is not None:
+                results.append(outcome.Error(conflict))
+                continue
+            accepted.append(plan)
+            results.append(outcome.Value(None))
+            for row in plan.events:
+                stored[row.aggregate_id] = row.sequence
+        try:
+            if accepted:
+                _write(connection, accepted)
+        except sqlite3.IntegrityError:
+            _rollback(connection)
+            return [outcome.capture(_commit, connection, interrupt, plan) for plan in plans]
+        if interrupt.requested:
+            raise _Interrupted
+        connection.execute("COMMIT")
+        return results
     except BaseException:
         _rollback(connection)
         raise
@@ -479,6 +540,11 @@ class SqliteStore(Generic[EventT, EntityT]):
     _writer: _Connection
     _reader: _Connection
     _busy_timeout_ms: int
+    #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
+    _group_commit: GroupCommit[_Commit] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group_commit = GroupCommit(self._commit_batch)
 
     @classmethod
     @asynccontextmanager
@@ -629,9 +695,27 @@ class SqliteStore(Generic[EventT, EntityT]):
             pending.snapshot_rows(),
             self._busy_timeout_ms,
         )
-        await self._run(
-            self._writer, functools.partial(_commit, plan=plan), "committing a transaction"
+        await self._group_commit.commit(plan)
+
+    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+        results = await self._run(
+            self._writer,
+            functools.partial(_commit_batch, plans=plans),
+            "committing a transaction",
         )
+        return [
+            outcome.Error(
+                _translate(
+                    result.error,
+                    doing="committing a transaction",
+                    path=self.path,
+                    busy_timeout_ms=self._busy_timeout_ms,
+                )
+            )
+            if isinstance(result, outcome.Error) and isinstance(result.error, sqlite3.Error)
+            else result
+            for result in results
+        ]
 
     async def load_events(
         self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str, start_from: int

@@ -397,6 +397,30 @@ class EventStoreConformance:
             n * 100 + i for n in range(writers) for i in range(commits)
         )
 
+    async def test_concurrent_commits_fail_only_the_stale_one(self, store: Any) -> None:
+        """Transactions committing at once (batched, if the store batches): only the stale fails."""
+        for number in range(20):
+            await _commit(store, f"acc-{number}", 0, [Added(number)])
+        outcomes: dict[str, str] = {}
+
+        async def commit(name: str, aggregate_id: str, sequence: int, amount: int) -> None:
+            try:
+                await _commit(store, aggregate_id, sequence, [Added(amount), Added(-amount)])
+            except ConcurrencyConflict:
+                outcomes[name] = "conflict"
+            else:
+                outcomes[name] = "ok"
+
+        async with trio.open_nursery() as nursery:
+            for number in range(20):
+                nursery.start_soon(commit, f"fresh-{number}", f"acc-{number}", 1, number)
+            nursery.start_soon(commit, "stale", "acc-7", 0, 1000)
+        assert outcomes.pop("stale") == "conflict"
+        assert set(outcomes.values()) == {"ok"}
+        for number in range(20):
+            loaded = await _load(store, f"acc-{number}")
+            assert [e.payload for e in loaded] == [Added(number), Added(number), Added(-number)]
+
     # -- odd input --
 
     async def test_odd_aggregate_ids_round_trip(self, store: Any) -> None:
