@@ -335,6 +335,29 @@ async def test_rapid_concurrent_commands_on_one_aggregate_are_all_applied() -> N
         assert sorted(int(e.payload.item) for e in events) == list(range(200))
 
 
+async def test_facade_calls_never_overtake_messages_sent_to_the_subject() -> None:
+    """Messages sent on es.subject, then a facade call: the call sees all of them, in order."""
+    async with open_counter() as es:
+        for round_number in range(3):
+            for i in range(100):
+                trio_es.execute(es.subject, "mixed", Append((f"{round_number}.{i}",)))
+            aggregate = await es.load_aggregate("mixed")
+            assert aggregate.sequence == 102 * round_number + 100
+            await es.execute("mixed", Append((f"{round_number}.facade",)))
+            trio_es.execute(es.subject, "mixed", Append((f"{round_number}.after",)))
+        events = await es.load_events("mixed")
+        expected = [
+            item
+            for r in range(3)
+            for item in [
+                *(f"{r}.{i}" for i in range(100)),
+                f"{r}.facade",
+                f"{r}.after",
+            ]
+        ]
+        assert [e.payload.item for e in events] == expected
+
+
 async def test_zero_event_commands_succeed_and_commit_nothing() -> None:
     """A command that makes no events succeeds, is counted, and leaves the stream unchanged."""
     async with open_counter() as es:

@@ -7,7 +7,7 @@ raising ``MailboxFull`` (backpressure), then wait for the reply.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from ._api import check_start_from, new_reply
-from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, supervised
+from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, build_runtime
 from ._store import EventStore
 from ._subject import Name, Subject, named_subject, new_name, wait_for
 from ._types import (
@@ -63,10 +63,15 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
 
     subject: Subject[Message]
     call_timeout: Timeout | None = Timeout(30_000)
+    _send: Callable[[Message], Awaitable[None]] | None = attrs.field(default=None, repr=False)
 
     async def _call(self, operation: str, make: Callable[[Reply[Any]], Message]) -> Any:
         reply: Reply[Any] = new_reply(f"{operation} reply")
-        await self.subject.send_wait(make(reply))
+        message = make(reply)
+        if self._send is None:
+            await self.subject.send_wait(message)
+        else:
+            await self._send(message)
         return await wait_for(reply, self.call_timeout, operation)
 
     async def execute(
@@ -156,7 +161,7 @@ async def open_eventsourcing(
         else Timeout(call_timeout)
     )
     name = new_name("eventsourcing") if name is None else name
-    spec = supervised(
+    runtime = build_runtime(
         name=name,
         eventstore=eventstore,
         handle=handle,
@@ -167,6 +172,6 @@ async def open_eventsourcing(
         options=options,
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(spec.start)
-        yield EventSourcing(named_subject(name), limit)
+        await nursery.start(runtime.spec().start)
+        yield EventSourcing(named_subject(name), limit, runtime.send)
         nursery.cancel_scope.cancel()

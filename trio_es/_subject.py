@@ -89,6 +89,15 @@ class Subject(Generic[T]):
         """The number of messages waiting in the mailbox."""
         return self._receive.statistics().current_buffer_used
 
+    def idle_reader(self) -> bool:
+        """True when the mailbox is empty and its reader is waiting on it.
+
+        Then no message is on its way to the reader: one a sender hands over directly
+        would be the next it sees anyway.
+        """
+        stats = self._receive.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
+
 
 def new_subject(*, capacity: int = DEFAULT_CAPACITY, label: str | None = None) -> Subject[Any]:
     """Make a new mailbox holding at most ``capacity`` messages.
