@@ -389,6 +389,30 @@ async def test_a_bug_in_handle_fails_the_command_and_the_aggregate_restarts() ->
         assert (await es.system_stats()).total_commands_processed == 3
 
 
+async def test_a_crash_processed_in_the_callers_task_still_restarts_the_aggregate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A crash in a call processed in place (idle aggregate) restarts and counts like any other."""
+    store = FakeFaultyStore()
+    options = RuntimeOptions(aggregate_intensity=1, aggregate_period=60)
+    async with open_counter(store, options=options) as es:
+        await es.execute("a", Append(("x",)))  # "a" is live and idle: the next calls run in place
+        loads = store.loads
+        with pytest.raises(RuntimeError, match="bug in handle"):
+            await es.execute("a", Explode())
+        await es.execute("a", Append(("y",)))
+        assert store.loads == loads + 1  # reloaded by the restarted task, not served stale
+        assert (await es.load_aggregate("a")).entity == ("x", "y")
+        with pytest.raises(RuntimeError, match="bug in handle"):
+            await es.execute("a", Explode())
+        await trio.testing.wait_all_tasks_blocked()
+        # Two crashes within the period exceed intensity 1: the task was stopped for good,
+        # and the next call starts "a" afresh from the store.
+        assert (await es.system_stats()).live_aggregates == 0
+        await es.execute("a", Append(("z",)))
+        assert (await es.load_aggregate("a")).entity == ("x", "y", "z")
+
+
 async def test_a_bug_in_apply_persists_nothing() -> None:
     """When apply raises, the command fails and none of its events are stored."""
     async with open_counter() as es:

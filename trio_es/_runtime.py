@@ -150,12 +150,27 @@ def _reply(reply_to: Subject[outcome.Outcome[Any]] | None, result: outcome.Outco
         logger.warning("dropped a reply to %s: its mailbox is full", reply_to.label)
 
 
+@attrs.frozen
+class _Crashed:
+    """Sent to an aggregate's own task when a message processed for it elsewhere crashed."""
+
+    error: Exception
+
+
 @attrs.define(eq=False)
 class _Live:
-    """A live aggregate: its mailbox (which outlives restarts) and its task's handle."""
+    """A live aggregate: its mailbox (which outlives restarts) and its task's handle.
 
-    mailbox: Subject[AggregateMessage]
+    ``lock`` is held while a message is processed, by the aggregate's task or by a caller
+    processing its own message in place (see :meth:`_Runtime.send`): one message at a time.
+    """
+
+    mailbox: Subject[AggregateMessage | _Crashed]
     handle: ChildHandle | None = None
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    #: The task's state once loaded; None while it (re)loads or after it ended.
+    task: _AggregateTask[Any, Any, Any] | None = None
+    last_active: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -225,11 +240,13 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
                 message = live.mailbox.get_nowait()
             except trio.WouldBlock:
                 break
-            _refuse(message, crashed)
+            if not isinstance(message, _Crashed):
+                _refuse(message, crashed)
 
     def retire(self, aggregate_id: str, live: _Live) -> bool:
         """Forget an idle aggregate, unless a message arrived for it meanwhile."""
-        if len(live.mailbox):
+        idle_for = trio.current_time() - live.last_active
+        if len(live.mailbox) or live.lock.locked() or idle_for < self.options.idle_timeout:
             return False
         if self.live.get(aggregate_id) is live:
             del self.live[aggregate_id]
@@ -284,18 +301,36 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             self.dispatch(await mailbox.get())
 
     async def send(self, message: Message) -> None:
-        """Deliver ``message`` as the public subject would, skipping the router when that is safe.
+        """Deliver ``message`` as the public subject would, skipping hops when that is safe.
 
         The router only forwards; while it is idle (waiting on an empty mailbox, holding
-        no message) forwarding here instead cannot reorder anything, and saves a task
-        switch per call. Otherwise the message queues behind the others, waiting for room.
+        no message) forwarding here instead cannot reorder anything. Likewise, while the
+        aggregate's task is idle (state loaded, mailbox empty, nothing in hand) the
+        caller processes its own message in place, holding the aggregate's lock, exactly
+        as the task would: no task switch at all. Otherwise the message queues behind the
+        others, waiting for room.
         """
         mailbox = named_subject(self.name)
-        if mailbox.idle_reader():
-            self.dispatch(message)
-            await trio.lowlevel.checkpoint()
-        else:
+        if not mailbox.idle_reader():
             await mailbox.send_wait(message)
+            return
+        if isinstance(message, _AGGREGATE_MESSAGES):
+            live = self.live.get(message.aggregate_id)
+            if (
+                live is not None
+                and live.task is not None
+                and not live.task.stale
+                and not live.lock.locked()
+                and live.mailbox.idle_reader()
+            ):
+                live.lock.acquire_nowait()
+                try:
+                    await live.task.process_in_place(message)
+                finally:
+                    live.lock.release()
+                return
+        self.dispatch(message)
+        await trio.lowlevel.checkpoint()
 
 
 def _refuse(message: Message, error: BaseException) -> None:
@@ -333,28 +368,61 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
     entity: Any = None
     sequence: int = 0
     has_snapshot: bool = False
+    #: The cached state may be wrong (a message processed in place failed): reload it.
+    stale: bool = False
 
     async def run(self) -> None:
-        await self._load()
-        mailbox = self.live.mailbox
+        live = self.live
+        mailbox = live.mailbox
         idle_timeout = self.rt.options.idle_timeout
-        while True:
-            message: AggregateMessage | None
-            try:
-                message = mailbox.get_nowait()
-            except trio.WouldBlock:
-                message = None
-                with trio.move_on_after(idle_timeout):
-                    message = await mailbox.get()
-                if message is None:
-                    if self.rt.retire(self.aggregate_id, self.live):
-                        return
-                    continue
-            else:
-                # A store that never awaits would otherwise let a busy aggregate starve
-                # every other task.
-                await trio.lowlevel.checkpoint()
+        try:
+            await self._load()
+            live.task = self
+            while True:
+                message: AggregateMessage | _Crashed | None
+                try:
+                    message = mailbox.get_nowait()
+                except trio.WouldBlock:
+                    message = None
+                    with trio.move_on_after(idle_timeout):
+                        message = await mailbox.get()
+                    if message is None:
+                        if self.rt.retire(self.aggregate_id, live):
+                            return
+                        continue
+                # Acquiring also yields, so a busy aggregate whose store never awaits
+                # cannot starve the other tasks.
+                async with live.lock:
+                    if isinstance(message, _Crashed):
+                        raise message.error
+                    if self.stale:
+                        await self._load()
+                    await self._process(message)
+                    live.last_active = trio.current_time()
+        finally:
+            if live.task is self:
+                live.task = None
+
+    async def process_in_place(self, message: AggregateMessage) -> None:
+        """Process ``message`` in the caller's task; the caller holds the aggregate's lock.
+
+        A crash here must still restart the aggregate's task (and count towards its
+        restart intensity): the state is marked stale, so nothing uses it, and the task
+        is told to crash.
+        """
+        try:
             await self._process(message)
+        except Exception as error:
+            self.stale = True
+            try:
+                self.live.mailbox.send(_Crashed(error))
+            except MailboxFull:
+                logger.warning("aggregate %r: could not report a crash", self.aggregate_id)
+        except BaseException:
+            self.stale = True
+            raise
+        finally:
+            self.live.last_active = trio.current_time()
 
     async def _load(self) -> None:
         """(Re)load state: the latest snapshot (if snapshots are on), then the later events."""
@@ -372,6 +440,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
         self.entity = entity
         self.sequence = events[-1].sequence if events else start
         self.has_snapshot = snapshot is not None
+        self.stale = False
 
     async def _process(self, message: AggregateMessage) -> None:
         try:

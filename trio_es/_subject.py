@@ -172,14 +172,24 @@ async def receive(subject: Subject[Any], timeout: Timeout | int) -> Any:  # noqa
 
 async def wait_for(subject: Subject[Any], limit: Timeout | None, operation: str = "receive") -> Any:
     """Wait for one message as :func:`receive` does; ``limit=None`` waits without a limit."""
-    if limit is None:
-        message = await subject.get()
+    try:
+        # A reply that is already there needs no timer, only the checkpoint every Trio
+        # call owes its caller.
+        message = subject.get_nowait()
+    except trio.WouldBlock:
+        message = await _wait(subject, limit, operation)
     else:
-        try:
-            with trio.fail_after(limit.seconds):
-                message = await subject.get()
-        except trio.TooSlowError:
-            raise ActorTimeout(operation, limit.milliseconds) from None
+        await trio.lowlevel.checkpoint()
     if isinstance(message, outcome.Value | outcome.Error):
         return message.unwrap()
     return message
+
+
+async def _wait(subject: Subject[Any], limit: Timeout | None, operation: str) -> Any:
+    if limit is None:
+        return await subject.get()
+    try:
+        with trio.fail_after(limit.seconds):
+            return await subject.get()
+    except trio.TooSlowError:
+        raise ActorTimeout(operation, limit.milliseconds) from None
