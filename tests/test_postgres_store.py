@@ -6,13 +6,9 @@ reachable server the tests skip, except with CI=true, where they fail.
 
 from __future__ import annotations
 
-import collections
-import functools
-import json
 import os
 import random
 import secrets
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +20,9 @@ import trio
 from psycopg import sql
 
 import trio_es._postgres_store as pg_module
-from trio_es import (
-    Aggregate,
-    ConcurrencyConflict,
-    EventStoreError,
-    SnapshotConfig,
-    TransactionFailed,
-    frequency,
-    open_eventsourcing,
-)
+from trio_es import Aggregate, ConcurrencyConflict, EventStoreError, TransactionFailed
 from trio_es._types import Snapshot, utc_now
-from trio_es.postgres_store import PostgresStore, StoredEvent
+from trio_es.postgres_store import PostgresStore
 from trio_es.testing import (
     Added,
     Counter,
@@ -43,12 +31,9 @@ from trio_es.testing import (
     conformance_transcoder,
 )
 
-from . import _bank, _batching, _pg
+from . import _bank, _batching, _ledger, _pg
 
 pytestmark = pytest.mark.postgres
-
-WORKER = Path(__file__).with_name("multiprocess_worker.py")
-ACCOUNTS = ["acc-a", "acc-b", "acc-c"]
 
 
 @pytest.fixture(scope="session")
@@ -133,13 +118,6 @@ async def _commit(
 async def _load(store: Any, aggregate_id: str) -> list[Any]:
     async with store.transaction() as tx:
         return list(await store.load_events(tx, aggregate_id, 0))
-
-
-async def _read_everything(store: Any) -> list[StoredEvent[Any]]:
-    stored: list[StoredEvent[Any]] = []
-    while page := await store.read_all(stored[-1].global_position if stored else 0, 500):
-        stored.extend(page)
-    return stored
 
 
 def _store_backends(raw: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[int, str, str]]:
@@ -313,7 +291,8 @@ async def test_aggregate_types_share_tables_without_mixing(postgres_dsn: str) ->
         async with users.transaction() as tx:
             await users.save_snapshot(tx, Snapshot("42", Counter(5), 2, utc_now()))
         assert [e.payload for e in await _load(orders, "42")] == [Added(1)]
-        assert [s.envelope.aggregate_type for s in await _read_everything(users)] == ["users"] * 2
+        stored = await _ledger.read_everything(users)
+        assert [s.envelope.aggregate_type for s in stored] == ["users"] * 2
         async with orders.transaction() as tx:
             assert await orders.load_snapshot(tx, "42") is None
 
@@ -654,24 +633,9 @@ async def test_commit_whose_outcome_is_unknown_is_not_retryable(
 
 async def test_runtime_end_to_end_survives_reopening(postgres_dsn: str) -> None:
     """Commands through open_eventsourcing are durable: a reopened system sees the same state."""
-
-    async def run(commands: list[Any]) -> Any:
-        async with (
-            PostgresStore.open(postgres_dsn, transcoder=_bank.bank_transcoder()) as store,
-            open_eventsourcing(
-                eventstore=store,
-                handle=_bank.handle,
-                apply=_bank.apply,
-                empty_state=_bank.Account(),
-                snapshot_config=SnapshotConfig(frequency(3)),
-            ) as es,
-        ):
-            for command in commands:
-                await es.execute("acc", command, [("by", "test")])
-            return await es.load_aggregate("acc"), await es.latest_snapshot("acc")
-
-    await run([_bank.OpenAccount("ann"), _bank.Deposit(50), _bank.Withdraw(20)])
-    aggregate, snapshot = await run([_bank.Deposit(5)])
+    aggregate, snapshot = await _ledger.run_bank_twice(
+        lambda: PostgresStore.open(postgres_dsn, transcoder=_bank.bank_transcoder())
+    )
     assert (aggregate.entity.balance, aggregate.sequence) == (35, 4)
     assert snapshot is not None
     assert (snapshot.sequence, snapshot.entity.balance) == (3, 30)
@@ -681,17 +645,9 @@ async def test_runtime_end_to_end_survives_reopening(postgres_dsn: str) -> None:
 
 
 def _worker(mode: str, dsn: str, log: Path, worker: int, commands: int) -> list[str]:
-    return [
-        sys.executable,
-        str(WORKER),
-        mode,
-        dsn,
-        str(log),
-        str(worker),
-        str(worker * 104_729 + 1),
-        str(commands),
-        *ACCOUNTS,
-    ]
+    return _ledger.worker_command(
+        mode, dsn, log, worker, worker * 104_729 + 1, commands, _ledger.ACCOUNTS
+    )
 
 
 def _worker_env() -> dict[str, str]:
@@ -700,89 +656,19 @@ def _worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
 
 
-def _all_nonempty(paths: list[Path]) -> bool:
-    return all(path.exists() and path.stat().st_size > 0 for path in paths)
-
-
-def _acks(log_paths: list[Path]) -> list[dict[str, str]]:
-    return [
-        json.loads(line)
-        for path in log_paths
-        if path.exists()
-        for line in path.read_text().splitlines()
-    ]
-
-
-def _check_ledger(stored: list[StoredEvent[Any]]) -> dict[str, list[Any]]:
-    """Check every account's stream; return its events grouped by command id."""
-    streams: dict[str, list[Any]] = collections.defaultdict(list)
-    by_command: dict[str, list[Any]] = collections.defaultdict(list)
-    for item in stored:
-        streams[item.envelope.aggregate_id].append(item.envelope)
-        by_command[dict(item.envelope.metadata)["command_id"]].append(item.envelope)
-    for account, stream in streams.items():
-        assert [e.sequence for e in stream] == list(range(1, len(stream) + 1)), account
-        entity = _bank.Account()
-        for envelope in stream:
-            entity = _bank.apply(entity, envelope.payload)
-            if not isinstance(envelope.payload, _bank.AccountOpened):
-                # The balance the command was decided on equals the replay: no command
-                # ever acted on stale state.
-                assert envelope.payload.balance == entity.balance, (account, envelope.sequence)
-            assert entity.balance >= 0, (account, envelope.sequence)
-    return by_command
-
-
 async def test_processes_share_aggregates_safely(postgres_dsn: str, tmp_path: Path) -> None:
     """Three runtime processes on shared accounts: contiguous, exactly once, never negative."""
     logs = [tmp_path / f"worker-{n}.log" for n in range(3)]
-    results: list[Any] = []
-
-    async def run(number: int) -> None:
-        command = _worker("runtime", postgres_dsn, logs[number], number, 80)
-        results.append(
-            await trio.run_process(command, check=False, capture_stderr=True, env=_worker_env())
+    with trio.fail_after(45):
+        await _ledger.run_workers(
+            [_worker("runtime", postgres_dsn, logs[n], n, 80) for n in range(3)], env=_worker_env()
         )
 
-    with trio.fail_after(45):
-        async with trio.open_nursery() as nursery:
-            for number in range(3):
-                nursery.start_soon(run, number)
-    assert [r.returncode for r in results] == [0, 0, 0], [
-        r.stderr.decode()[-3000:] for r in results
-    ]
-
     async with _open(postgres_dsn, transcoder=_bank.bank_transcoder()) as store:
-        stored = await _read_everything(store)
-        by_command = _check_ledger(stored)
-        acks = _acks(logs)
-        done = {ack["id"] for ack in acks if ack["result"] == "ok"}
-        assert set(by_command) == done
-        assert all(len(envelopes) == 1 for envelopes in by_command.values())
-        opened = sorted(a["account"] for a in acks if "-open-" in a["id"] and a["result"] == "ok")
-        assert opened == ACCOUNTS
-        assert len(acks) == 3 * (80 + len(ACCOUNTS))
-        for account in ACCOUNTS:
-            async with store.transaction() as tx:
-                snapshot = await store.load_snapshot(tx, account)
-                events = await store.load_events(tx, account, 0)
-            assert snapshot is not None
-            entity = _bank.Account()
-            for envelope in events[: snapshot.sequence]:
-                entity = _bank.apply(entity, envelope.payload)
-            assert snapshot.entity == entity
-
-
-async def _seed_accounts(dsn: str) -> None:
-    async with _open(dsn, transcoder=_bank.bank_transcoder()) as store:
-        for account in ACCOUNTS:
-            async with store.transaction() as tx:
-                await store.commit_events(
-                    tx,
-                    Aggregate(account, _bank.Account(), 0),
-                    [_bank.AccountOpened("bank"), _bank.MoneyDeposited(1000, 1000)],
-                    (("command_id", f"seed-{account}"),),
-                )
+        stored = await _ledger.read_everything(store)
+        acks = _ledger.check_acknowledged(stored, logs, _ledger.ACCOUNTS)
+        assert len(acks) == 3 * (80 + len(_ledger.ACCOUNTS))
+        await _ledger.check_snapshots(store, _ledger.ACCOUNTS, required=True)
 
 
 @pytest.mark.parametrize("mode", ["transfer", "transfer:8"], ids=["alone", "group-commit"])
@@ -790,51 +676,26 @@ async def test_killed_writers_lose_no_acknowledged_command(
     postgres_dsn: str, tmp_path: Path, raw: Any, mode: str
 ) -> None:
     """Writers SIGKILLed at random, even mid-batch: acked transfers stay, none is half-written."""
-    await _seed_accounts(postgres_dsn)
+    async with _open(postgres_dsn, transcoder=_bank.bank_transcoder()) as store:
+        await _ledger.seed_accounts(store, _ledger.ACCOUNTS, seed_id="seed-{}".format)
     rng = random.Random(1_000_003)
     logs: list[Path] = []
     for round_number in range(4):
         round_logs = [tmp_path / f"round-{round_number}-{n}.log" for n in range(2)]
         logs.extend(round_logs)
-        processes = [
-            await trio.lowlevel.open_process(
-                _worker(mode, postgres_dsn, log, round_number * 10 + n + 1, 1_000_000),
-                env=_worker_env(),
-            )
+        commands = [
+            _worker(mode, postgres_dsn, log, round_number * 10 + n + 1, 1_000_000)
             for n, log in enumerate(round_logs)
         ]
-        try:
-            # Let every worker acknowledge something before the kills start.
-            await _poll(functools.partial(_all_nonempty, round_logs))
-            for process in processes:
-                await trio.sleep(rng.uniform(0.02, 0.3))
-                process.kill()
-        finally:
-            for process in processes:
-                process.kill()
-                with trio.move_on_after(10, shield=True):
-                    await process.wait()
-        assert [p.returncode for p in processes] == [-9, -9]
+        await _ledger.kill_workers_at_random(
+            commands, round_logs, rng, delays=(0.02, 0.3), env=_worker_env()
+        )
 
         async with _open(postgres_dsn, transcoder=_bank.bank_transcoder()) as store:
-            stored = await _read_everything(store)
-        by_command = _check_ledger(stored)
-        transfers = {k: v for k, v in by_command.items() if not k.startswith("seed-")}
-        done = {ack["id"] for ack in _acks(logs) if ack["result"] == "ok"}
-        assert done <= set(transfers), sorted(done - set(transfers))[:5]
-        for command_id, envelopes in transfers.items():
-            assert len(envelopes) == 2, command_id
-            kinds = {type(e.payload): e for e in envelopes}
-            withdrawn, deposited = kinds[_bank.MoneyWithdrawn], kinds[_bank.MoneyDeposited]
-            assert isinstance(withdrawn.payload, _bank.MoneyWithdrawn), command_id
-            assert isinstance(deposited.payload, _bank.MoneyDeposited), command_id
-            assert withdrawn.payload.amount == deposited.payload.amount
-            assert withdrawn.aggregate_id != deposited.aggregate_id
-        balances: dict[str, _bank.Account] = collections.defaultdict(_bank.Account)
-        for item in stored:
-            account = item.envelope.aggregate_id
-            balances[account] = _bank.apply(balances[account], item.envelope.payload)
-        assert sum(a.balance for a in balances.values()) == 1000 * len(ACCOUNTS)
+            stored = await _ledger.read_everything(store)
+        transfers, done = _ledger.check_transfers(
+            stored, logs, _ledger.ACCOUNTS, seed_prefix="seed-"
+        )
         assert len(transfers) >= len(done) > 0
     # The killed clients' sessions are gone: no transaction was left open on the server.
     await _poll(lambda: _store_backends(raw) == [])

@@ -5,15 +5,12 @@ Every test uses real SQLite files under ``tmp_path``; nothing is mocked.
 
 from __future__ import annotations
 
-import collections
 import functools
-import json
 import logging
 import math
 import os
 import random
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,26 +19,15 @@ import attrs
 import pytest
 import trio
 
-from trio_es import (
-    Aggregate,
-    ConcurrencyConflict,
-    EventStoreError,
-    SnapshotConfig,
-    TransactionFailed,
-    frequency,
-    open_eventsourcing,
-)
+from trio_es import Aggregate, ConcurrencyConflict, EventStoreError, TransactionFailed
 from trio_es import _sqlite_store as _sqlite
 from trio_es._sql import EventRow
 from trio_es._sqlite_store import _Commit
 from trio_es._types import Snapshot, utc_now
-from trio_es.sqlite_store import SqliteStore, StoredEvent
+from trio_es.sqlite_store import SqliteStore
 from trio_es.testing import Added, Counter, EventStoreConformance, conformance_transcoder
 
-from . import _bank, _batching
-
-WORKER = Path(__file__).with_name("multiprocess_worker.py")
-ACCOUNTS = ["acc-a", "acc-b", "acc-c"]
+from . import _bank, _batching, _ledger
 
 
 class TestSqliteStoreConformance(EventStoreConformance):
@@ -85,13 +71,6 @@ async def _commit(store: Any, aggregate_id: str, sequence: int, events: list[Any
 async def _load(store: Any, aggregate_id: str) -> list[Any]:
     async with store.transaction() as tx:
         return list(await store.load_events(tx, aggregate_id, 0))
-
-
-async def _read_everything(store: Any) -> list[StoredEvent[Any]]:
-    stored: list[StoredEvent[Any]] = []
-    while page := await store.read_all(stored[-1].global_position if stored else 0, 500):
-        stored.extend(page)
-    return stored
 
 
 def _raw(path: Path) -> sqlite3.Connection:
@@ -466,59 +445,15 @@ async def test_cancelling_a_running_query_interrupts_it(tmp_path: Path) -> None:
 async def test_runtime_end_to_end_survives_reopening(tmp_path: Path) -> None:
     """Commands through open_eventsourcing are durable: a reopened system sees the same state."""
     path = tmp_path / "bank.db"
-
-    async def run(commands: list[Any]) -> Any:
-        async with (
-            SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store,
-            open_eventsourcing(
-                eventstore=store,
-                handle=_bank.handle,
-                apply=_bank.apply,
-                empty_state=_bank.Account(),
-                snapshot_config=SnapshotConfig(frequency(3)),
-            ) as es,
-        ):
-            for command in commands:
-                await es.execute("acc", command, [("by", "test")])
-            return await es.load_aggregate("acc"), await es.latest_snapshot("acc")
-
-    await run([_bank.OpenAccount("ann"), _bank.Deposit(50), _bank.Withdraw(20)])
-    aggregate, snapshot = await run([_bank.Deposit(5)])
+    aggregate, snapshot = await _ledger.run_bank_twice(
+        lambda: SqliteStore.open(path, transcoder=_bank.bank_transcoder())
+    )
     assert (aggregate.entity.balance, aggregate.sequence) == (35, 4)
     assert snapshot is not None
     assert (snapshot.sequence, snapshot.entity.balance) == (3, 30)
 
 
 # -- several processes --
-
-
-def _acks(log_paths: list[Path]) -> list[dict[str, str]]:
-    return [
-        json.loads(line)
-        for path in log_paths
-        if path.exists()
-        for line in path.read_text().splitlines()
-    ]
-
-
-def _check_ledger(stored: list[StoredEvent[Any]]) -> dict[str, list[Any]]:
-    """Check every account's stream; return the events grouped by command id."""
-    streams: dict[str, list[Any]] = collections.defaultdict(list)
-    by_command: dict[str, list[Any]] = collections.defaultdict(list)
-    for item in stored:
-        streams[item.envelope.aggregate_id].append(item.envelope)
-        by_command[dict(item.envelope.metadata).get("command_id", "")].append(item.envelope)
-    for account, stream in streams.items():
-        assert [e.sequence for e in stream] == list(range(1, len(stream) + 1)), account
-        entity = _bank.Account()
-        for envelope in stream:
-            entity = _bank.apply(entity, envelope.payload)
-            if not isinstance(envelope.payload, _bank.AccountOpened):
-                # Each event records the balance its command was decided on: equal to the
-                # replay means no command ever acted on stale state.
-                assert envelope.payload.balance == entity.balance, (account, envelope.sequence)
-            assert entity.balance >= 0, (account, envelope.sequence)
-    return by_command
 
 
 async def _integrity_ok(path: Path) -> None:
@@ -531,30 +466,10 @@ async def _integrity_ok(path: Path) -> None:
     assert await trio.to_thread.run_sync(check) == [("ok",)]
 
 
-async def _seed_accounts(path: Path) -> None:
-    async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
-        for account in ACCOUNTS:
-            async with store.transaction() as tx:
-                await store.commit_events(
-                    tx,
-                    Aggregate(account, _bank.Account(), 0),
-                    [_bank.AccountOpened("bank"), _bank.MoneyDeposited(1000, 1000)],
-                    (("command_id", "seed"),),
-                )
-
-
 def _worker(mode: str, db: Path, log: Path, worker: int, commands: int) -> list[str]:
-    return [
-        sys.executable,
-        str(WORKER),
-        mode,
-        str(db),
-        str(log),
-        str(worker),
-        str(worker * 7919),
-        str(commands),
-        *ACCOUNTS,
-    ]
+    return _ledger.worker_command(
+        mode, str(db), log, worker, worker * 7919, commands, _ledger.ACCOUNTS
+    )
 
 
 async def test_processes_share_one_file(tmp_path: Path) -> None:
@@ -562,41 +477,16 @@ async def test_processes_share_one_file(tmp_path: Path) -> None:
     path = tmp_path / "bank.db"
     logs = [tmp_path / f"worker-{n}.log" for n in range(4)]
     modes = ["runtime", "runtime", "runtime", "transfer"]
-    results: list[Any] = []
-
-    async def run(number: int) -> None:
-        command = _worker(modes[number], path, logs[number], number, 120)
-        results.append(await trio.run_process(command, check=False, capture_stderr=True))
-
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for number in range(4):
-                nursery.start_soon(run, number)
-    assert [r.returncode for r in results] == [0, 0, 0, 0], [
-        r.stderr.decode()[-2000:] for r in results
-    ]
+        await _ledger.run_workers([_worker(modes[n], path, logs[n], n, 120) for n in range(4)])
 
     async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
-        stored = await _read_everything(store)
-        by_command = _check_ledger(stored)
-        acks = _acks(logs)
-        done = {ack["id"]: ack for ack in acks if ack["result"] == "ok"}
-        # Every acknowledged command is stored once per event it made, and nothing else is.
-        assert set(by_command) == set(done)
-        for command_id, envelopes in by_command.items():
-            assert len(envelopes) == (2 if command_id.startswith("3-") else 1), command_id
-        opened = [ack["account"] for ack in acks if "-open-" in ack["id"] and ack["result"] == "ok"]
-        assert sorted(opened) == ACCOUNTS
+        stored = await _ledger.read_everything(store)
+        # Every acknowledged command is stored once per event it made, and nothing else is;
+        # worker 3 makes transfers, two events each.
+        _ledger.check_acknowledged(stored, logs, _ledger.ACCOUNTS, two_event_prefix="3-")
         # Snapshots the runtimes saved agree with the replay of the events.
-        for account in ACCOUNTS:
-            async with store.transaction() as tx:
-                snapshot = await store.load_snapshot(tx, account)
-                events = await store.load_events(tx, account, 0)
-            if snapshot is not None:
-                entity = _bank.Account()
-                for envelope in events[: snapshot.sequence]:
-                    entity = _bank.apply(entity, envelope.payload)
-                assert snapshot.entity == entity
+        await _ledger.check_snapshots(store, _ledger.ACCOUNTS, required=False)
     await _integrity_ok(path)
 
 
@@ -604,51 +494,23 @@ async def test_processes_share_one_file(tmp_path: Path) -> None:
 async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path, mode: str) -> None:
     """Writers SIGKILLed at random, even mid-batch: acked transfers stay, none is half-written."""
     path = tmp_path / "bank.db"
-    await _seed_accounts(path)
+    async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
+        await _ledger.seed_accounts(store, _ledger.ACCOUNTS, seed_id=lambda _: "seed")
     rng = random.Random(20240229)
     logs: list[Path] = []
     for round_number in range(4):
-        processes = []
         round_logs = [tmp_path / f"round-{round_number}-{n}.log" for n in range(2)]
         logs.extend(round_logs)
-        for number, log in enumerate(round_logs):
-            worker = round_number * 10 + number + 1
-            processes.append(
-                await trio.lowlevel.open_process(_worker(mode, path, log, worker, 100_000))
-            )
-        try:
-            with trio.fail_after(20):
-                # Polling files another process writes: no Trio event can signal it.
-                while not all(log.exists() and log.stat().st_size for log in round_logs):  # noqa: ASYNC110
-                    await trio.sleep(0.02)
-            for process in processes:
-                await trio.sleep(rng.uniform(0.05, 0.4))
-                process.kill()
-        finally:
-            for process in processes:
-                process.kill()
-                with trio.move_on_after(10, shield=True):
-                    await process.wait()
-        assert all(p.returncode == -9 for p in processes)
+        commands = [
+            _worker(mode, path, log, round_number * 10 + n + 1, 100_000)
+            for n, log in enumerate(round_logs)
+        ]
+        await _ledger.kill_workers_at_random(commands, round_logs, rng, delays=(0.05, 0.4))
 
         await _integrity_ok(path)
         async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
-            stored = await _read_everything(store)
-        by_command = _check_ledger(stored)
-        transfers = {k: v for k, v in by_command.items() if k != "seed"}
-        done = {ack["id"] for ack in _acks(logs) if ack["result"] == "ok"}
-        assert done <= set(transfers), sorted(done - set(transfers))[:5]
-        for command_id, envelopes in transfers.items():
-            assert len(envelopes) == 2, command_id
-            deposited, withdrawn = sorted(envelopes, key=lambda e: type(e.payload).__name__)
-            assert isinstance(withdrawn.payload, _bank.MoneyWithdrawn), command_id
-            assert isinstance(deposited.payload, _bank.MoneyDeposited), command_id
-            assert withdrawn.payload.amount == deposited.payload.amount
-            assert withdrawn.aggregate_id != deposited.aggregate_id
-        # Atomic transfers conserve money.
-        accounts: dict[str, _bank.Account] = collections.defaultdict(_bank.Account)
-        for item in stored:
-            account = accounts[item.envelope.aggregate_id]
-            accounts[item.envelope.aggregate_id] = _bank.apply(account, item.envelope.payload)
-        assert sum(a.balance for a in accounts.values()) == 1000 * len(ACCOUNTS)
+            stored = await _ledger.read_everything(store)
+        transfers, done = _ledger.check_transfers(
+            stored, logs, _ledger.ACCOUNTS, seed_prefix="seed"
+        )
         assert len(transfers) >= len(done) > 0

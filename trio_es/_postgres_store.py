@@ -33,7 +33,7 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
@@ -53,15 +53,21 @@ from ._sql import (
     Dialect,
     EventRow,
     PendingWrites,
+    Queryable,
     SnapshotRow,
+    SqlReads,
+    SqlTransaction,
     Statements,
     StoredEvent,
     check_aggregate_type,
-    check_read_all,
+    check_columns,
+    check_schema_version,
     check_text,
-    decode_event_row,
-    decode_snapshot_row,
-    parse_utc,
+    find_conflict,
+    max_sequence,
+    pending_writes,
+    transaction_block,
+    translate_outcomes,
 )
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
 
@@ -528,16 +534,6 @@ class _Commit:
     snapshots: list[SnapshotRow]
 
 
-def _max_sequence(
-    cursor: psycopg.Cursor[tuple[Any, ...]],
-    statements: Statements,
-    aggregate_type: str,
-    aggregate_id: str,
-) -> int:
-    row = cursor.execute(statements.max_sequence, (aggregate_type, aggregate_id)).fetchone()
-    return 0 if row is None or row[0] is None else int(row[0])
-
-
 def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
     """Commit the plans of one or more transactions together; one outcome per plan.
 
@@ -574,18 +570,7 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
                     stored[aggregate_id] = 0 if row is None or row[0] is None else int(row[0])
             accepted: list[_Commit] = []
             for plan in plans:
-                conflict = next(
-                    (
-                        ConcurrencyConflict(
-                            aggregate_id=aggregate_id,
-                            expected_sequence=expected,
-                            actual_sequence=stored[aggregate_id],
-                        )
-                        for aggregate_id, expected in plan.expected.items()
-                        if stored[aggregate_id] != expected
-                    ),
-                    None,
-                )
+                conflict = find_conflict(plan.expected, stored.__getitem__)
                 if conflict is not None:
                     if len(plans) == 1:
                         raise conflict
@@ -600,18 +585,7 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
             if snapshots:
                 cursor.executemany(
                     statements.upsert_snapshot,
-                    [
-                        (
-                            aggregate_type,
-                            row.aggregate_id,
-                            row.sequence,
-                            row.entity_type,
-                            row.entity_version,
-                            row.payload,
-                            row.recorded_at,
-                        )
-                        for row in snapshots
-                    ],
+                    [row.parameters(aggregate_type, row.recorded_at) for row in snapshots],
                 )
             events = [row for plan in accepted for row in plan.events]
             if events:
@@ -620,19 +594,7 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
                 recorded_at = utc_now()
                 cursor.executemany(
                     statements.insert_event,
-                    [
-                        (
-                            aggregate_type,
-                            row.aggregate_id,
-                            row.sequence,
-                            row.event_type,
-                            row.event_version,
-                            row.payload,
-                            row.metadata,
-                            recorded_at,
-                        )
-                        for row in events
-                    ],
+                    [row.parameters(aggregate_type, recorded_at) for row in events],
                 )
             committing = True
             cursor.execute("COMMIT")
@@ -687,12 +649,14 @@ def _too_long(plan: _Commit, error: psycopg.Error) -> EventStoreError:
 def _conflict(raw: Connection, plan: _Commit) -> Exception:
     raw.rollback()
     with raw.cursor() as cursor:
-        for aggregate_id, expected in plan.expected.items():
-            actual = _max_sequence(cursor, plan.statements, plan.aggregate_type, aggregate_id)
-            if actual != expected:
-                return ConcurrencyConflict(
-                    aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
-                )
+        conflict = find_conflict(
+            plan.expected,
+            lambda aggregate_id: max_sequence(
+                cursor, plan.statements, plan.aggregate_type, aggregate_id
+            ),
+        )
+    if conflict is not None:
+        return conflict
     return EventStoreError("an event row broke the unique key of the events table")
 
 
@@ -716,11 +680,8 @@ def _check_tables(
 ) -> None:
     for table, columns in ((events, EVENT_COLUMNS), (snapshots, SNAPSHOT_COLUMNS)):
         found = _table_columns(cursor, table)
-        if (found or not missing_ok) and sorted(found) != sorted(columns):
-            raise EventStoreError(
-                f"table {table!r} at {server} is not a trio_es table (its columns are "
-                f"{', '.join(found)}); choose another table name"
-            )
+        if found or not missing_ok:
+            check_columns(table, found, columns, f"at {server}")
 
 
 def _setup(
@@ -745,12 +706,7 @@ def _setup(
         _check_tables(cursor, events, snapshots, server, missing_ok=False)
         cursor.execute(statements.insert_schema_version, (events, snapshots, SCHEMA_VERSION))
         row = cursor.execute(statements.select_schema_version, (events,)).fetchone()
-        version = None if row is None else row[0]
-        if version != SCHEMA_VERSION:
-            raise EventStoreError(
-                f"table {events!r} at {server} has schema version {version}, this trio_es "
-                f"reads version {SCHEMA_VERSION}; use the trio_es release that wrote it"
-            )
+        check_schema_version(events, None if row is None else row[0], f"at {server}")
         cursor.execute("COMMIT")
 
 
@@ -762,15 +718,11 @@ def _check_pool_size(value: object) -> int:
 
 @final
 @attrs.define(eq=False)
-class PostgresTransaction(Generic[EventT, EntityT]):
+class PostgresTransaction(SqlTransaction[EventT, EntityT]):
     """A transaction of a :class:`PostgresStore`: buffered writes, applied when the block exits.
 
     Only meaningful inside its ``async with store.transaction()`` block.
     """
-
-    _store: PostgresStore[EventT, EntityT]
-    _pending: PendingWrites[EventT, EntityT]
-    _finished: bool = False
 
 
 @final
@@ -802,9 +754,11 @@ class PostgresStore(Generic[EventT, EntityT]):
     _lock_key: int
     #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
     _group_commit: GroupCommit[_Commit] = attrs.field(init=False, repr=False)
+    _reads: SqlReads[EventT, EntityT] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._group_commit = GroupCommit(self._commit_batch)
+        self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
 
     @classmethod
     @asynccontextmanager
@@ -903,20 +857,10 @@ class PostgresStore(Generic[EventT, EntityT]):
         except psycopg.Error as error:
             raise _translate(error, doing=doing, server=self.server) from error
 
-    def _pending(self, tx: PostgresTransaction[EventT, EntityT]) -> PendingWrites[EventT, EntityT]:
-        if not isinstance(tx, PostgresTransaction) or tx._store is not self:
-            raise EventStoreError(
-                f"{tx!r:.80} is not a transaction of this store; pass the handle that "
-                "this store's transaction() yielded"
-            )
-        if tx._finished:
-            raise EventStoreError(
-                "the transaction has already ended; use the handle only inside its async with block"
-            )
-        return tx._pending
+    async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
+        return await self._run(lambda raw, _: fn(raw), doing)
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresTransaction[EventT, EntityT]]:
+    def transaction(self) -> AbstractAsyncContextManager[PostgresTransaction[EventT, EntityT]]:
         """Open a transaction; its writes are committed together when the block exits.
 
         Leaving the block with an exception writes nothing; a block that only read
@@ -932,16 +876,12 @@ class PostgresStore(Generic[EventT, EntityT]):
                 Or the connection broke while COMMIT was in flight, so the outcome is
                 unknown (the message says so).
         """
-        pending: PendingWrites[EventT, EntityT] = PendingWrites(
-            self.transcoder, self.aggregate_type
+        tx: PostgresTransaction[EventT, EntityT] = PostgresTransaction(
+            self, PendingWrites(self.transcoder, self.aggregate_type)
         )
-        tx = PostgresTransaction(self, pending)
-        try:
-            yield tx
-        finally:
-            tx._finished = True
-        if not pending.has_writes:
-            return
+        return transaction_block(tx, self._commit_writes)
+
+    async def _commit_writes(self, pending: PendingWrites[Any, Any]) -> None:
         snapshots = pending.snapshot_rows()
         _check_rows(pending.event_rows, snapshots)
         plan = _Commit(
@@ -958,12 +898,11 @@ class PostgresStore(Generic[EventT, EntityT]):
         results = await self._run(
             lambda raw, call: _commit(raw, call, plans), "committing a transaction"
         )
-        return [
-            outcome.Error(_translate(result.error, doing="committing", server=self.server))
-            if isinstance(result, outcome.Error) and isinstance(result.error, psycopg.Error)
-            else result
-            for result in results
-        ]
+        return translate_outcomes(
+            results,
+            psycopg.Error,
+            lambda error: _translate(error, doing="committing", server=self.server),
+        )
 
     async def load_events(
         self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int
@@ -976,27 +915,9 @@ class PostgresStore(Generic[EventT, EntityT]):
                 PostgreSQL, or PostgreSQL failed.
             TransactionFailed: the connection was lost.
         """
-        pending = self._pending(tx)
-        aggregate_id = _check_key(aggregate_id, "aggregate_id")
-        start_from = max(start_from, 0)
-        stored: list[SerializedEventEnvelope[EventT]] = []
-        if pending.needs_stored_events(aggregate_id, start_from):
-            statements, transcoder, aggregate_type = (
-                self._statements,
-                self.transcoder,
-                self.aggregate_type,
-            )
-
-            def read(raw: Connection, _: _Call) -> list[SerializedEventEnvelope[Any]]:
-                rows = raw.execute(
-                    statements.select_events, (aggregate_type, aggregate_id, start_from)
-                ).fetchall()
-                return [
-                    decode_event_row(transcoder, aggregate_type, aggregate_id, row) for row in rows
-                ]
-
-            stored = await self._run(read, "loading events")
-        return pending.merge_events(aggregate_id, start_from, stored)
+        return await self._reads.load_events(
+            pending_writes(tx, self), _check_key(aggregate_id, "aggregate_id"), start_from
+        )
 
     async def commit_events(
         self,
@@ -1015,7 +936,7 @@ class PostgresStore(Generic[EventT, EntityT]):
                 held by PostgreSQL (a NUL character); nothing is buffered for this call,
                 and the transaction's other writes are kept.
         """
-        pending = self._pending(tx)
+        pending = pending_writes(tx, self)
         aggregate_id = _check_key(aggregate.aggregate_id, "aggregate_id")
         _check_metadata(metadata, aggregate_id)
         rows_before = len(pending.event_rows)
@@ -1039,22 +960,9 @@ class PostgresStore(Generic[EventT, EntityT]):
         self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str
     ) -> Snapshot[EntityT] | None:
         """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
-        pending = self._pending(tx)
-        aggregate_id = _check_key(aggregate_id, "aggregate_id")
-        staged = pending.snapshot(aggregate_id)
-        if staged is not None:
-            return staged
-        statements, transcoder, aggregate_type = (
-            self._statements,
-            self.transcoder,
-            self.aggregate_type,
+        return await self._reads.load_snapshot(
+            pending_writes(tx, self), _check_key(aggregate_id, "aggregate_id")
         )
-
-        def read(raw: Connection, _: _Call) -> Snapshot[Any] | None:
-            row = raw.execute(statements.select_snapshot, (aggregate_type, aggregate_id)).fetchone()
-            return None if row is None else decode_snapshot_row(transcoder, aggregate_id, row)
-
-        return await self._run(read, "loading a snapshot")
 
     async def save_snapshot(
         self, tx: PostgresTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
@@ -1065,7 +973,7 @@ class PostgresStore(Generic[EventT, EntityT]):
             EventStoreError: the entity cannot be encoded or held by PostgreSQL, or the
                 timestamp is naive.
         """
-        pending = self._pending(tx)
+        pending = pending_writes(tx, self)
         aggregate_id = _check_key(snapshot.aggregate_id, "aggregate_id")
         previous = pending.snapshots.get(aggregate_id)
         pending.stage_snapshot(snapshot)
@@ -1107,24 +1015,4 @@ class PostgresStore(Generic[EventT, EntityT]):
             EventStoreError: a stored event cannot be decoded, or PostgreSQL failed.
             TransactionFailed: the connection was lost.
         """
-        after_position, limit = check_read_all(after_position, limit)
-        statements, transcoder, aggregate_type = (
-            self._statements,
-            self.transcoder,
-            self.aggregate_type,
-        )
-
-        def read(raw: Connection, _: _Call) -> list[StoredEvent[Any]]:
-            rows = raw.execute(
-                statements.select_all, (aggregate_type, after_position, limit)
-            ).fetchall()
-            return [
-                StoredEvent(
-                    position,
-                    decode_event_row(transcoder, aggregate_type, aggregate_id, rest),
-                    parse_utc(recorded_at),
-                )
-                for position, aggregate_id, *rest, recorded_at in rows
-            ]
-
-        return await self._run(read, "reading all events")
+        return await self._reads.read_all(after_position, limit)

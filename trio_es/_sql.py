@@ -34,10 +34,12 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-from collections.abc import Sequence
-from typing import Any, Final, Generic, TypeVar, final
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, Generic, Protocol, TypeVar, final
 
 import attrs
+import outcome
 
 from ._errors import ConcurrencyConflict, EventStoreError
 from ._serialization import Transcoder
@@ -53,21 +55,35 @@ __all__ = [
     "Dialect",
     "EventRow",
     "PendingWrites",
+    "Queryable",
+    "RunRead",
     "SnapshotRow",
+    "SqlReads",
+    "SqlTransaction",
     "Statements",
     "StoredEvent",
     "check_aggregate_type",
+    "check_columns",
     "check_identifier",
     "check_read_all",
+    "check_schema_version",
     "check_text",
     "decode_event_row",
     "decode_snapshot_row",
+    "find_conflict",
+    "max_sequence",
     "parse_utc",
+    "pending_writes",
+    "transaction_block",
+    "translate_outcomes",
     "utc_text",
 ]
 
 EventT = TypeVar("EventT")
 EntityT = TypeVar("EntityT")
+T = TypeVar("T")
+TxT = TypeVar("TxT", bound="SqlTransaction[Any, Any]")
+ErrorT = TypeVar("ErrorT", bound=Exception)
 
 logger: Final = logging.getLogger("trio_es.serialization")
 
@@ -340,6 +356,23 @@ class EventRow:
     payload: str
     metadata: str
 
+    def parameters(self, aggregate_type: str, recorded_at: object) -> tuple[object, ...]:
+        """The row's parameters for :attr:`Statements.insert_event`.
+
+        ``recorded_at`` is the commit time as the driver binds it (ISO text for SQLite,
+        a datetime for PostgreSQL): one value for every row of a commit.
+        """
+        return (
+            aggregate_type,
+            self.aggregate_id,
+            self.sequence,
+            self.event_type,
+            self.event_version,
+            self.payload,
+            self.metadata,
+            recorded_at,
+        )
+
 
 @final
 @attrs.frozen
@@ -352,6 +385,21 @@ class SnapshotRow:
     entity_version: int
     payload: str
     recorded_at: datetime.datetime
+
+    def parameters(self, aggregate_type: str, recorded_at: object) -> tuple[object, ...]:
+        """The row's parameters for :attr:`Statements.upsert_snapshot`.
+
+        ``recorded_at`` is :attr:`recorded_at` as the driver binds it.
+        """
+        return (
+            aggregate_type,
+            self.aggregate_id,
+            self.sequence,
+            self.entity_type,
+            self.entity_version,
+            self.payload,
+            recorded_at,
+        )
 
 
 @final
@@ -497,6 +545,79 @@ class PendingWrites(Generic[EventT, EntityT]):
         return [row for row, _ in self.snapshots.values()]
 
 
+class Rows(Protocol):
+    """What ``execute`` returns in both drivers: rows to fetch."""
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Queryable(Protocol):
+    """A ``sqlite3.Connection``, a psycopg connection or cursor: runs one statement.
+
+    The shared functions below run in the store's worker thread and take one of these,
+    so that they need no driver of their own.
+    """
+
+    def execute(self, sql: str, parameters: Sequence[Any], /) -> Rows: ...
+
+
+def max_sequence(
+    connection: Queryable, statements: Statements, aggregate_type: str, aggregate_id: str
+) -> int:
+    """The aggregate's stored sequence: its highest, or 0 without events."""
+    rows = connection.execute(statements.max_sequence, (aggregate_type, aggregate_id)).fetchall()
+    return int(rows[0][0] or 0) if rows else 0
+
+
+def find_conflict(
+    expected: Mapping[str, int], actual: Callable[[str], int]
+) -> ConcurrencyConflict | None:
+    """The conflict for the first aggregate whose ``actual`` sequence is not ``expected``.
+
+    ``actual`` is asked in ``expected``'s order and only until a mismatch, so a store may
+    query the database lazily from it.
+    """
+    for aggregate_id, sequence in expected.items():
+        found = actual(aggregate_id)
+        if found != sequence:
+            return ConcurrencyConflict(
+                aggregate_id=aggregate_id, expected_sequence=sequence, actual_sequence=found
+            )
+    return None
+
+
+def check_columns(table: str, found: Sequence[str], expected: Sequence[str], where: str) -> None:
+    """Refuse an existing ``table`` whose columns are not ``expected`` (in any order).
+
+    Args:
+        where: where the table lives, for the message, e.g. ``"in '/data/app.db'"``.
+
+    Raises:
+        EventStoreError: the columns differ; the message lists the ones found.
+    """
+    if sorted(found) != sorted(expected):
+        raise EventStoreError(
+            f"table {table!r} {where} is not a trio_es table (its columns are "
+            f"{', '.join(found)}); choose another table name"
+        )
+
+
+def check_schema_version(events_table: str, version: object, where: str) -> None:
+    """Refuse tables whose bookkeeping row names another layout than :data:`SCHEMA_VERSION`.
+
+    Args:
+        where: where the tables live, for the message, e.g. ``"at db:5432/app"``.
+
+    Raises:
+        EventStoreError: ``version`` is not this release's layout.
+    """
+    if version != SCHEMA_VERSION:
+        raise EventStoreError(
+            f"table {events_table!r} {where} has schema version {version}, this trio_es "
+            f"reads version {SCHEMA_VERSION}; use the trio_es release that wrote it"
+        )
+
+
 def decode_event_row(
     transcoder: Transcoder,
     aggregate_type: str,
@@ -546,3 +667,168 @@ def decode_snapshot_row(
     if entity is None:
         return None
     return Snapshot(aggregate_id, entity, sequence, timestamp)
+
+
+# -- the Trio side: transactions and reads, the same in every SQL store ------------------
+
+
+@attrs.define(eq=False)
+class SqlTransaction(Generic[EventT, EntityT]):
+    """A SQL store's transaction handle: its store and the writes it buffers.
+
+    The stores' public handle types subclass this and add nothing, so that each keeps
+    its own name. Only meaningful inside its ``async with store.transaction()`` block.
+    """
+
+    _store: object
+    _pending: PendingWrites[EventT, EntityT]
+    _finished: bool = False
+
+
+def pending_writes(
+    tx: SqlTransaction[EventT, EntityT], store: object
+) -> PendingWrites[EventT, EntityT]:
+    """The writes ``tx`` buffers, once it is checked to be an open transaction of ``store``.
+
+    Raises:
+        EventStoreError: ``tx`` is not a handle ``store.transaction()`` yielded, or its
+            block has already exited.
+    """
+    if not isinstance(tx, SqlTransaction) or tx._store is not store:
+        raise EventStoreError(
+            f"{tx!r:.80} is not a transaction of this store; pass the handle that "
+            "this store's transaction() yielded"
+        )
+    if tx._finished:
+        raise EventStoreError(
+            "the transaction has already ended; use the handle only inside its async with block"
+        )
+    return tx._pending
+
+
+@asynccontextmanager
+async def transaction_block(
+    tx: TxT, commit: Callable[[PendingWrites[Any, Any]], Awaitable[None]]
+) -> AsyncIterator[TxT]:
+    """Yield ``tx``; when the block exits without an exception, commit what it buffered.
+
+    The handle is finished however the block exits, so a handle kept past its block
+    is refused. A block that raised writes nothing, and one that buffered nothing costs
+    no ``commit`` call (no database call at all).
+    """
+    try:
+        yield tx
+    finally:
+        tx._finished = True
+    if tx._pending.has_writes:
+        await commit(tx._pending)
+
+
+def translate_outcomes(
+    results: list[outcome.Outcome[None]],
+    driver_error: type[ErrorT],
+    translate: Callable[[ErrorT], Exception],
+) -> list[outcome.Outcome[None]]:
+    """``results`` of a batch commit, with each plan's driver error as a trio_es error.
+
+    A plan's own failure (a refused row) comes back from the worker thread as the
+    driver's exception; callers of ``transaction()`` only ever see trio_es errors.
+    """
+    return [
+        outcome.Error(translate(result.error))
+        if isinstance(result, outcome.Error) and isinstance(result.error, driver_error)
+        else result
+        for result in results
+    ]
+
+
+class RunRead(Protocol):
+    """How a store runs ``fn(connection)`` in a worker thread on a connection that reads.
+
+    The store supplies its own connection handling (cancellation included) and turns
+    driver errors into trio_es errors, with ``doing`` (e.g. ``"loading events"``) in
+    the message.
+    """
+
+    def __call__(self, fn: Callable[[Queryable], T], doing: str, /) -> Awaitable[T]: ...
+
+
+@final
+@attrs.frozen
+class SqlReads(Generic[EventT, EntityT]):
+    """The reads of a SQL store: each is one worker-thread call through :attr:`run`.
+
+    Reads inside a transaction see the latest committed data merged with what the
+    transaction buffered (see :class:`PendingWrites`). Ids are checked by the store
+    before they get here, since what a database can hold differs. Frozen, so the worker
+    thread may read its fields while the Trio thread goes on.
+    """
+
+    statements: Statements
+    transcoder: Transcoder
+    aggregate_type: str
+    run: RunRead
+
+    async def load_events(
+        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str, start_from: int
+    ) -> list[SerializedEventEnvelope[EventT]]:
+        """The aggregate's events with ``sequence > start_from``, stored then buffered.
+
+        Raises:
+            EventStoreError: a stored event cannot be decoded, or the database failed.
+        """
+        start_from = max(start_from, 0)
+        if not pending.needs_stored_events(aggregate_id, start_from):
+            return pending.merge_events(aggregate_id, start_from, [])
+
+        def read(connection: Queryable) -> list[SerializedEventEnvelope[Any]]:
+            rows = connection.execute(
+                self.statements.select_events, (self.aggregate_type, aggregate_id, start_from)
+            ).fetchall()
+            return [
+                decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, row)
+                for row in rows
+            ]
+
+        stored = await self.run(read, "loading events")
+        return pending.merge_events(aggregate_id, start_from, stored)
+
+    async def load_snapshot(
+        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str
+    ) -> Snapshot[EntityT] | None:
+        """The snapshot the transaction buffered, else the stored one if it decodes."""
+        staged = pending.snapshot(aggregate_id)
+        if staged is not None:
+            return staged
+
+        def read(connection: Queryable) -> Snapshot[Any] | None:
+            rows = connection.execute(
+                self.statements.select_snapshot, (self.aggregate_type, aggregate_id)
+            ).fetchall()
+            return decode_snapshot_row(self.transcoder, aggregate_id, rows[0]) if rows else None
+
+        return await self.run(read, "loading a snapshot")
+
+    async def read_all(self, after_position: int, limit: int) -> list[StoredEvent[EventT]]:
+        """Up to ``limit`` events of the aggregate type after ``after_position``, in order.
+
+        Raises:
+            ValueError: ``after_position < 0`` or ``limit < 1``.
+            EventStoreError: a stored event cannot be decoded, or the database failed.
+        """
+        after_position, limit = check_read_all(after_position, limit)
+
+        def read(connection: Queryable) -> list[StoredEvent[Any]]:
+            rows = connection.execute(
+                self.statements.select_all, (self.aggregate_type, after_position, limit)
+            ).fetchall()
+            return [
+                StoredEvent(
+                    position,
+                    decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, rest),
+                    parse_utc(recorded_at),
+                )
+                for position, aggregate_id, *rest, recorded_at in rows
+            ]
+
+        return await self.run(read, "reading all events")

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
@@ -45,15 +45,21 @@ from ._sql import (
     Dialect,
     EventRow,
     PendingWrites,
+    Queryable,
     SnapshotRow,
+    SqlReads,
+    SqlTransaction,
     Statements,
     StoredEvent,
     check_aggregate_type,
-    check_read_all,
+    check_columns,
+    check_schema_version,
     check_text,
-    decode_event_row,
-    decode_snapshot_row,
-    parse_utc,
+    find_conflict,
+    max_sequence,
+    pending_writes,
+    transaction_block,
+    translate_outcomes,
     utc_text,
 )
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
@@ -232,35 +238,14 @@ def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> None:
     """Insert the events and upsert the snapshots of ``plans`` (all of one store)."""
     statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
     recorded_at = utc_text(utc_now())
-    rows = [
-        (
-            aggregate_type,
-            row.aggregate_id,
-            row.sequence,
-            row.event_type,
-            row.event_version,
-            row.payload,
-            row.metadata,
-            recorded_at,
-        )
-        for plan in plans
-        for row in plan.events
-    ]
+    rows = [row.parameters(aggregate_type, recorded_at) for plan in plans for row in plan.events]
     if rows:
         connection.executemany(statements.insert_event, rows)
     for plan in plans:
         for snapshot in plan.snapshots:
             connection.execute(
                 statements.upsert_snapshot,
-                (
-                    aggregate_type,
-                    snapshot.aggregate_id,
-                    snapshot.sequence,
-                    snapshot.entity_type,
-                    snapshot.entity_version,
-                    snapshot.payload,
-                    utc_text(snapshot.recorded_at),
-                ),
+                snapshot.parameters(aggregate_type, utc_text(snapshot.recorded_at)),
             )
 
 
@@ -289,17 +274,15 @@ def _check(
     connection: sqlite3.Connection, plan: _Commit, stored: dict[str, int]
 ) -> ConcurrencyConflict | None:
     """The conflict that refuses ``plan``, if any; ``stored`` caches sequences seen so far."""
-    for aggregate_id, expected in plan.expected.items():
-        actual = stored.get(aggregate_id)
-        if actual is None:
-            actual = stored[aggregate_id] = _max_sequence(
+
+    def actual(aggregate_id: str) -> int:
+        if aggregate_id not in stored:
+            stored[aggregate_id] = max_sequence(
                 connection, plan.statements, plan.aggregate_type, aggregate_id
             )
-        if actual != expected:
-            return ConcurrencyConflict(
-                aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
-            )
-    return None
+        return stored[aggregate_id]
+
+    return find_conflict(plan.expected, actual)
 
 
 def _commit_batch(
@@ -343,18 +326,11 @@ def _commit_batch(
         raise
 
 
-def _max_sequence(
-    connection: sqlite3.Connection, statements: Statements, aggregate_type: str, aggregate_id: str
-) -> int:
-    rows = connection.execute(statements.max_sequence, (aggregate_type, aggregate_id)).fetchall()
-    return int(rows[0][0] or 0)
-
-
 def _conflict(connection: sqlite3.Connection, plan: _Commit, error: sqlite3.Error) -> Exception:
     """The error for a constraint violation while inserting ``plan``'s events."""
     if "UNIQUE" in str(error):
         for row in plan.events:
-            actual = _max_sequence(
+            actual = max_sequence(
                 connection, plan.statements, plan.aggregate_type, row.aggregate_id
             )
             if actual >= row.sequence:
@@ -440,11 +416,8 @@ def _prepare(
             (snapshots_table, SNAPSHOT_COLUMNS),
         ):
             found = _table_columns(connection, table)
-            if found and sorted(found) != sorted(columns):
-                raise EventStoreError(
-                    f"table {table!r} in {path!r} is not a trio_es table (its columns are "
-                    f"{', '.join(found)}); choose another table name"
-                )
+            if found:
+                check_columns(table, found, columns, f"in {path!r}")
         for ddl in statements.create:
             connection.execute(ddl)
         connection.execute(
@@ -453,12 +426,7 @@ def _prepare(
         version = connection.execute(statements.select_schema_version, (events_table,)).fetchall()[
             0
         ][0]
-        if version != SCHEMA_VERSION:
-            raise EventStoreError(
-                f"table {events_table!r} in {path!r} has schema version {version}, this "
-                f"trio_es reads version {SCHEMA_VERSION}; use the trio_es release that "
-                "wrote it"
-            )
+        check_schema_version(events_table, version, f"in {path!r}")
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)
@@ -506,15 +474,11 @@ def _check_synchronous(value: object) -> str:
 
 @final
 @attrs.define(eq=False)
-class SqliteTransaction(Generic[EventT, EntityT]):
+class SqliteTransaction(SqlTransaction[EventT, EntityT]):
     """A transaction of a :class:`SqliteStore`: buffered writes, applied when the block exits.
 
     Only meaningful inside its ``async with store.transaction()`` block.
     """
-
-    _store: SqliteStore[EventT, EntityT]
-    _pending: PendingWrites[EventT, EntityT]
-    _finished: bool = False
 
 
 @final
@@ -542,9 +506,11 @@ class SqliteStore(Generic[EventT, EntityT]):
     _busy_timeout_ms: int
     #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
     _group_commit: GroupCommit[_Commit] = attrs.field(init=False)
+    _reads: SqlReads[EventT, EntityT] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._group_commit = GroupCommit(self._commit_batch)
+        self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
 
     @classmethod
     @asynccontextmanager
@@ -652,20 +618,11 @@ class SqliteStore(Generic[EventT, EntityT]):
                 error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
             ) from error
 
-    def _pending(self, tx: SqliteTransaction[EventT, EntityT]) -> PendingWrites[EventT, EntityT]:
-        if not isinstance(tx, SqliteTransaction) or tx._store is not self:
-            raise EventStoreError(
-                f"{tx!r:.80} is not a transaction of this store; pass the handle that "
-                "this store's transaction() yielded"
-            )
-        if tx._finished:
-            raise EventStoreError(
-                "the transaction has already ended; use the handle only inside its async with block"
-            )
-        return tx._pending
+    async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
+        # Reads need no interrupt checks of their own: one statement, interrupted in SQLite.
+        return await self._run(self._reader, lambda connection, _: fn(connection), doing)
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqliteTransaction[EventT, EntityT]]:
+    def transaction(self) -> AbstractAsyncContextManager[SqliteTransaction[EventT, EntityT]]:
         """Open a transaction; its writes are committed together when the block exits.
 
         Leaving the block with an exception writes nothing. Reads inside the block see
@@ -677,16 +634,12 @@ class SqliteStore(Generic[EventT, EntityT]):
             TransactionFailed: the database stayed locked longer than ``busy_timeout_ms``.
             EventStoreError: SQLite failed; nothing was written.
         """
-        pending: PendingWrites[EventT, EntityT] = PendingWrites(
-            self.transcoder, self.aggregate_type
+        tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(
+            self, PendingWrites(self.transcoder, self.aggregate_type)
         )
-        tx = SqliteTransaction(self, pending)
-        try:
-            yield tx
-        finally:
-            tx._finished = True
-        if not pending.has_writes:
-            return
+        return transaction_block(tx, self._commit_writes)
+
+    async def _commit_writes(self, pending: PendingWrites[Any, Any]) -> None:
         plan = _Commit(
             self._statements,
             self.aggregate_type,
@@ -698,24 +651,17 @@ class SqliteStore(Generic[EventT, EntityT]):
         await self._group_commit.commit(plan)
 
     async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+        doing = "committing a transaction"
         results = await self._run(
-            self._writer,
-            functools.partial(_commit_batch, plans=plans),
-            "committing a transaction",
+            self._writer, functools.partial(_commit_batch, plans=plans), doing
         )
-        return [
-            outcome.Error(
-                _translate(
-                    result.error,
-                    doing="committing a transaction",
-                    path=self.path,
-                    busy_timeout_ms=self._busy_timeout_ms,
-                )
-            )
-            if isinstance(result, outcome.Error) and isinstance(result.error, sqlite3.Error)
-            else result
-            for result in results
-        ]
+        return translate_outcomes(
+            results,
+            sqlite3.Error,
+            lambda error: _translate(
+                error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
+            ),
+        )
 
     async def load_events(
         self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str, start_from: int
@@ -726,27 +672,9 @@ class SqliteStore(Generic[EventT, EntityT]):
             EventStoreError: a stored event cannot be decoded (the message names the
                 aggregate, sequence, type and version), or SQLite failed.
         """
-        pending = self._pending(tx)
-        aggregate_id = check_text(aggregate_id, "aggregate_id")
-        start_from = max(start_from, 0)
-        stored: list[SerializedEventEnvelope[EventT]] = []
-        if pending.needs_stored_events(aggregate_id, start_from):
-            statements, transcoder, aggregate_type = (
-                self._statements,
-                self.transcoder,
-                self.aggregate_type,
-            )
-
-            def read(connection: sqlite3.Connection, _: _Interrupt) -> list[Any]:
-                rows = connection.execute(
-                    statements.select_events, (aggregate_type, aggregate_id, start_from)
-                ).fetchall()
-                return [
-                    decode_event_row(transcoder, aggregate_type, aggregate_id, row) for row in rows
-                ]
-
-            stored = await self._run(self._reader, read, "loading events")
-        return pending.merge_events(aggregate_id, start_from, stored)
+        return await self._reads.load_events(
+            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id"), start_from
+        )
 
     async def commit_events(
         self,
@@ -764,30 +692,15 @@ class SqliteStore(Generic[EventT, EntityT]):
             EventStoreError: an event or the metadata cannot be encoded; nothing is
                 buffered and nothing will be written for this call.
         """
-        return self._pending(tx).stage_events(aggregate, events, metadata)
+        return pending_writes(tx, self).stage_events(aggregate, events, metadata)
 
     async def load_snapshot(
         self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str
     ) -> Snapshot[EntityT] | None:
         """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
-        pending = self._pending(tx)
-        aggregate_id = check_text(aggregate_id, "aggregate_id")
-        staged = pending.snapshot(aggregate_id)
-        if staged is not None:
-            return staged
-        statements, transcoder, aggregate_type = (
-            self._statements,
-            self.transcoder,
-            self.aggregate_type,
+        return await self._reads.load_snapshot(
+            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id")
         )
-
-        def read(connection: sqlite3.Connection, _: _Interrupt) -> Snapshot[Any] | None:
-            rows = connection.execute(
-                statements.select_snapshot, (aggregate_type, aggregate_id)
-            ).fetchall()
-            return decode_snapshot_row(transcoder, aggregate_id, rows[0]) if rows else None
-
-        return await self._run(self._reader, read, "loading a snapshot")
 
     async def save_snapshot(
         self, tx: SqliteTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
@@ -797,7 +710,7 @@ class SqliteStore(Generic[EventT, EntityT]):
         Raises:
             EventStoreError: the entity cannot be encoded or the timestamp is naive.
         """
-        self._pending(tx).stage_snapshot(snapshot)
+        pending_writes(tx, self).stage_snapshot(snapshot)
 
     async def read_all(
         self, after_position: int = 0, limit: int = 1000
@@ -811,24 +724,4 @@ class SqliteStore(Generic[EventT, EntityT]):
             ValueError: ``after_position < 0`` or ``limit < 1``.
             EventStoreError: a stored event cannot be decoded, or SQLite failed.
         """
-        after_position, limit = check_read_all(after_position, limit)
-        statements, transcoder, aggregate_type = (
-            self._statements,
-            self.transcoder,
-            self.aggregate_type,
-        )
-
-        def read(connection: sqlite3.Connection, _: _Interrupt) -> list[StoredEvent[Any]]:
-            rows = connection.execute(
-                statements.select_all, (aggregate_type, after_position, limit)
-            ).fetchall()
-            return [
-                StoredEvent(
-                    position,
-                    decode_event_row(transcoder, aggregate_type, aggregate_id, rest),
-                    parse_utc(recorded_at),
-                )
-                for position, aggregate_id, *rest, recorded_at in rows
-            ]
-
-        return await self._run(self._reader, read, "reading all events")
+        return await self._reads.read_all(after_position, limit)
