@@ -313,9 +313,13 @@ class Statements:
                 f"event_version, payload, metadata, recorded_at) "
                 f"VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, {p})"
             ),
+            # Not MAX(sequence): with stale statistics (a young table, a cached generic
+            # plan) PostgreSQL aggregates over every index entry of the stream, so each
+            # commit cost O(stream). ORDER BY ... LIMIT 1 reads one index entry always.
             max_sequence=(
-                f"SELECT MAX(sequence) FROM {events} "
-                f"WHERE aggregate_type = {p} AND aggregate_id = {p}"
+                f"SELECT sequence FROM {events} "
+                f"WHERE aggregate_type = {p} AND aggregate_id = {p} "
+                "ORDER BY sequence DESC LIMIT 1"
             ),
             select_events=(
                 f"SELECT sequence, event_type, event_version, {payload}, {metadata} "
