@@ -1,0 +1,7 @@
+"""``python -m bench``: see :func:`bench.cli.main`."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The benchmark harness (``bench/``): a tiny run must produce its tables and correct state.
+
+Timings are never asserted, only that every workload was measured for each store and
+library and that every run left exactly the balances and event counts its plan implies.
+The peer (``eventsourcing``) may be missing locally, then its rows are skipped and the
+report says so; on CI (``CI=true``) it is installed through the ``bench`` extra and its
+absence is a failure. PostgreSQL is measured when its server answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+from bench.report import Report
+from bench.stats import percentile
+from bench.stores import postgres_reachable
+
+ROOT = Path(__file__).resolve().parent.parent
+ON_CI = os.environ.get("CI") == "true"
+PLAN_WORKLOADS = ("W1", "W2", "W3", "R1", "R1s")
+
+
+def _peer_installed() -> bool:
+    try:
+        import eventsourcing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stores() -> tuple[str, ...]:
+    dsn = bench.Settings().postgres_dsn
+    return ("memory", "sqlite") + (("postgres",) if postgres_reachable(dsn) is None else ())
+
+
+def _measured(report: Report, workload: str, store: str, library: str) -> bool:
+    key = "load_ms" if workload.startswith("R1") else "throughput"
+    return report.median(workload, store, library, key) is not None
+
+
+def test_the_peer_is_installed_on_ci() -> None:
+    """On CI the peer library is installed (bench extra), so its rows are never skipped."""
+    if not ON_CI:
+        pytest.skip("only CI (CI=true) requires the peer library")
+    assert _peer_installed(), "CI=true but `eventsourcing` is missing: install '.[bench]'"
+
+
+def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) -> None:
+    """A smoke run measures every workload on every store, both libraries end in the right state."""
+    stores = _stores()
+    peer = _peer_installed()
+    report = bench.run(
+        bench.Settings.for_mode("smoke", stores=stores), out_dir=tmp_path, progress=None
+    )
+
+    problems = [
+        f"{workload}/{store}: {report.state(workload, store)}"
+        for workload in PLAN_WORKLOADS
+        for store in stores
+        if report.state(workload, store) != "ok"
+    ]
+    assert not problems, problems
+    assert report.all_verified()
+    for workload in PLAN_WORKLOADS:
+        for store in stores:
+            assert _measured(report, workload, store, "trio_es"), (workload, store)
+            assert _measured(report, workload, store, "peer") == peer, (
+                workload,
+                store,
+                report.notes,
+            )
+    for store in stores:
+        if store != "memory":
+            assert set(report.floor[store]) == {"1 row/tx", "64 rows/tx"}
+    if not peer:
+        assert any("not installed" in note for note in report.notes)
+
+    names = [target.name for target in report.targets()]
+    assert any(name.startswith("W3 sqlite: events/s vs raw sqlite3") for name in names)
+    markdown = (tmp_path / "latest-smoke.md").read_text()
+    assert "| W3 many streams, many callers | sqlite | p99 latency (ms) |" in markdown
+    assert "## Targets" in markdown
+    assert "## Machine" in markdown
+    data = json.loads((tmp_path / "latest-smoke.json").read_text())
+    assert data["all_verified"] is True
+    assert {row["workload"] for row in data["rows"]} == set(PLAN_WORKLOADS)
+
+
+def test_without_the_peer_only_its_rows_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `eventsourcing` not importable, trio_es is still measured and the report says why."""
+    monkeypatch.setitem(sys.modules, "eventsourcing", None)  # makes `import eventsourcing` fail
+    settings = bench.Settings.for_mode("smoke", stores=("memory",), workloads=("W2", "R1"))
+    report = bench.run(settings, out_dir=None, progress=None)
+
+    assert report.all_verified()
+    assert _measured(report, "W2", "memory", "trio_es")
+    assert not _measured(report, "W2", "memory", "peer")
+    assert any("`eventsourcing` is not installed" in note for note in report.notes)
+    assert "peer rows are skipped" in report.markdown()
+
+
+def test_command_line_prints_the_table_and_writes_results(tmp_path: Path) -> None:
+    """`python -m bench --smoke` prints the markdown table and writes it under --out."""
+    command = [sys.executable, "-m", "bench", "--smoke", "--stores", "memory"]
+    command += ["--workloads", "W1,W2", "--out", str(tmp_path), "--quiet"]
+    completed = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "| W1 one long stream | memory | throughput (cmd/s) |" in completed.stdout
+    assert (tmp_path / "latest-smoke.md").read_text() == completed.stdout
+    assert json.loads((tmp_path / "latest-smoke.json").read_text())["mode"] == "smoke"
+
+
+def test_percentile_interpolates_linearly_between_ranks() -> None:
+    """percentile() returns the ends at 0 and 100 and interpolates between closest ranks."""
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 99) == pytest.approx(3.97)
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
