@@ -55,6 +55,8 @@ class FakeFaultyStore:
     inner: MemoryStore[Any, Any] = attrs.Factory(MemoryStore)
     commit_failures: list[BaseException] = attrs.Factory(list)
     loads: int = 0
+    #: The transactions that wrote events (kept alive, so that none is counted twice).
+    writing_transactions: list[Any] = attrs.Factory(list)
 
     def transaction(self) -> Any:
         return self.inner.transaction()
@@ -66,6 +68,8 @@ class FakeFaultyStore:
     async def commit_events(self, tx: Any, aggregate: Any, events: Any, metadata: Any) -> Any:
         if self.commit_failures:
             raise self.commit_failures.pop(0)
+        if not any(seen is tx for seen in self.writing_transactions):
+            self.writing_transactions.append(tx)
         return await self.inner.commit_events(tx, aggregate, events, metadata)
 
     async def load_snapshot(self, tx: Any, aggregate_id: str) -> Any:
@@ -546,6 +550,109 @@ async def test_a_full_aggregate_mailbox_refuses_with_mailbox_full(
             except MailboxFull as full:
                 outcomes.append(full.capacity)
         assert outcomes == [None, None, 2, 2]
+        nursery.cancel_scope.cancel()
+
+
+# -- pipelining: commands queued behind a commit share the next one --
+
+
+async def queue_behind_a_slow_command(es: Any, commands: list[Any]) -> list[Any]:
+    """Send a slow command, then ``commands`` while it runs; return their replies."""
+    busy = trio_es.execute_with_response(es, "p", SlowAppend("slow", 1))
+    await trio.testing.wait_all_tasks_blocked()
+    replies = [
+        trio_es.execute_with_response(es, "p", command, [("n", str(n))])
+        for n, command in enumerate(commands)
+    ]
+    assert await receive(busy, T) is None
+    return replies
+
+
+async def test_commands_queued_behind_a_commit_share_the_next_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Twenty commands queued for one aggregate are committed in one transaction, in order."""
+    store = FakeFaultyStore()
+    async with trio.open_nursery() as nursery:
+        es = await start_system(nursery, eventstore=store, handle=async_handle)
+        replies = await queue_behind_a_slow_command(es, [Append((str(n),)) for n in range(20)])
+        for reply in replies:
+            assert await receive(reply, T) is None
+        events = await receive(trio_es.load_events(es, "p"), T)
+        assert [e.payload.item for e in events] == ["slow", *(str(n) for n in range(20))]
+        assert [e.metadata for e in events[1:]] == [(("n", str(n)),) for n in range(20)]
+        assert len(store.writing_transactions) == 2
+        stats = await receive(trio_es.system_stats(es), T)
+        assert stats.total_commands_processed == 21
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rejection_in_a_pipelined_batch_fails_only_that_command(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A domain error among queued commands rejects that one; the others commit together."""
+    store = FakeFaultyStore()
+    async with trio.open_nursery() as nursery:
+        es = await start_system(nursery, eventstore=store, handle=async_handle)
+        commands = [Append(("a",)), Refuse(), Append(("b", "c")), Append(())]
+        replies = await queue_behind_a_slow_command(es, commands)
+        assert await receive(replies[0], T) is None
+        with pytest.raises(Refused):
+            await receive(replies[1], T)
+        assert await receive(replies[2], T) is None
+        assert await receive(replies[3], T) is None
+        aggregate = await receive(trio_es.load_aggregate(es, "p"), T)
+        assert aggregate == trio_es.Aggregate("p", ("slow", "a", "b", "c"), 4)
+        assert len(store.writing_transactions) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_in_a_pipelined_batch_runs_its_commands_one_by_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A bug among queued commands: earlier ones commit, it fails and crashes, later ones run."""
+    store = FakeFaultyStore()
+    async with trio.open_nursery() as nursery:
+        es = await start_system(nursery, eventstore=store, handle=async_handle)
+        commands = [Append(("a",)), Explode(), Append(("b",)), Append(("poison",)), Append(("c",))]
+        replies = await queue_behind_a_slow_command(es, commands)
+        assert await receive(replies[0], T) is None
+        with pytest.raises(RuntimeError, match="bug in handle"):
+            await receive(replies[1], T)
+        assert await receive(replies[2], T) is None
+        with pytest.raises(RuntimeError, match="bug in apply"):
+            await receive(replies[3], T)
+        assert await receive(replies[4], T) is None
+        events = await receive(trio_es.load_events(es, "p"), T)
+        assert [e.payload.item for e in events] == ["slow", "a", "b", "c"]
+        assert [e.sequence for e in events] == [1, 2, 3, 4]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_conflict_in_a_pipelined_batch_is_retried_one_by_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When another writer got there first, the queued commands are retried on fresh state."""
+    shared = FakeFaultyStore()
+    async with trio.open_nursery() as nursery:
+        es = await start_system(nursery, eventstore=shared, handle=async_handle)
+        async with open_counter(shared.inner) as other:
+
+            async def write_meanwhile() -> None:
+                await trio.sleep(1.5)  # while the batch below is being decided
+                await other.execute("p", Append(("theirs",)))
+
+            nursery.start_soon(write_meanwhile)
+            # The batch: a slow command (t = 1..2) and four quick ones behind it.
+            commands = [SlowAppend("0", 1), *(Append((str(n),)) for n in range(1, 5))]
+            replies = await queue_behind_a_slow_command(es, commands)
+            for reply in replies:
+                assert await receive(reply, T) is None
+        events = await receive(trio_es.load_events(es, "p"), T)
+        assert [e.sequence for e in events] == list(range(1, 8))
+        assert [e.payload.item for e in events] == ["slow", "theirs", "0", "1", "2", "3", "4"]
+        # The batch's transaction failed; its commands then committed one by one.
+        assert len(shared.writing_transactions) >= 1 + 1 + 5
         nursery.cancel_scope.cancel()
 
 

@@ -13,6 +13,7 @@ counters) lives in :class:`_Runtime`, outside the tasks, so a restarted task los
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import itertools
@@ -83,6 +84,9 @@ QueryFn = Callable[[str, Sequence[EventEnvelope[Any]]], object]
 #: A read model: the name of its mailbox and the function fed with each commit's events.
 Query = tuple[Name[Any], QueryFn]
 
+_EXECUTES: Final = (ExecuteCommand, ExecuteCommandWithResponse)
+#: The most commands of one aggregate that one commit takes.
+_MAX_PIPELINE: Final = 64
 _AGGREGATE_MESSAGES: Final = (
     ExecuteCommand,
     ExecuteCommandWithResponse,
@@ -171,6 +175,11 @@ class _Live:
     #: The task's state once loaded; None while it (re)loads or after it ended.
     task: _AggregateTask[Any, Any, Any] | None = None
     last_active: float = 0.0
+    #: Messages taken from the mailbox but not processed yet (they come before the
+    #: mailbox's); kept here, not in the task, so that a restart keeps them too.
+    backlog: collections.deque[AggregateMessage | _Crashed] = attrs.Factory(collections.deque)
+    #: How many backlog messages must be processed one by one (a batch fell apart).
+    one_by_one: int = 0
 
 
 @attrs.define(eq=False)
@@ -235,18 +244,22 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             del self.live[aggregate_id]
         crashed = AggregateCrashed(aggregate_id=aggregate_id, restarts=error.restarts)
         crashed.__cause__ = error.__cause__
+        waiting = [*live.backlog]
+        live.backlog.clear()
         while True:
             try:
-                message = live.mailbox.get_nowait()
+                waiting.append(live.mailbox.get_nowait())
             except trio.WouldBlock:
                 break
+        for message in waiting:
             if not isinstance(message, _Crashed):
                 _refuse(message, crashed)
 
     def retire(self, aggregate_id: str, live: _Live) -> bool:
         """Forget an idle aggregate, unless a message arrived for it meanwhile."""
         idle_for = trio.current_time() - live.last_active
-        if len(live.mailbox) or live.lock.locked() or idle_for < self.options.idle_timeout:
+        busy = len(live.mailbox) or live.backlog or live.lock.locked()
+        if busy or idle_for < self.options.idle_timeout:
             return False
         if self.live.get(aggregate_id) is live:
             del self.live[aggregate_id]
@@ -321,6 +334,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
                 and live.task is not None
                 and not live.task.stale
                 and not live.lock.locked()
+                and not live.backlog
                 and live.mailbox.idle_reader()
             ):
                 live.lock.acquire_nowait()
@@ -380,16 +394,19 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
             live.task = self
             while True:
                 message: AggregateMessage | _Crashed | None
-                try:
-                    message = mailbox.get_nowait()
-                except trio.WouldBlock:
-                    message = None
-                    with trio.move_on_after(idle_timeout):
-                        message = await mailbox.get()
-                    if message is None:
-                        if self.rt.retire(self.aggregate_id, live):
-                            return
-                        continue
+                if live.backlog:
+                    message = live.backlog.popleft()
+                else:
+                    try:
+                        message = mailbox.get_nowait()
+                    except trio.WouldBlock:
+                        message = None
+                        with trio.move_on_after(idle_timeout):
+                            message = await mailbox.get()
+                        if message is None:
+                            if self.rt.retire(self.aggregate_id, live):
+                                return
+                            continue
                 # Acquiring also yields, so a busy aggregate whose store never awaits
                 # cannot starve the other tasks.
                 async with live.lock:
@@ -397,7 +414,13 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
                         raise message.error
                     if self.stale:
                         await self._load()
-                    await self._process(message)
+                    if live.one_by_one:
+                        live.one_by_one -= 1
+                        await self._process(message)
+                    elif isinstance(message, _EXECUTES):
+                        await self._execute_queued(message)
+                    else:
+                        await self._process(message)
                     live.last_active = trio.current_time()
         finally:
             if live.task is self:
@@ -528,6 +551,99 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
                 )
             _reply(reply_to, outcome.Value(None))
             return
+
+    async def _execute_queued(self, first: ExecuteCommand | ExecuteCommandWithResponse) -> None:
+        """Run ``first`` and the commands queued right behind it as one commit (pipelining).
+
+        While a commit is in flight, commands for the aggregate pile up in its mailbox.
+        They are decided one after another against the state their predecessors leave
+        (exactly as if run one by one), committed in one store transaction (so a store
+        that batches commits gets them all in one batch), and answered after it. If
+        anything but a domain rejection goes wrong, the batch falls apart: nothing of it
+        was committed, and its commands are run again one by one, with the usual retries
+        and crash handling.
+        """
+        live = self.live
+        batch: list[ExecuteCommand | ExecuteCommandWithResponse] = [first]
+        while len(batch) < _MAX_PIPELINE:
+            try:
+                queued = live.mailbox.get_nowait()
+            except trio.WouldBlock:
+                break
+            if not isinstance(queued, _EXECUTES):
+                live.backlog.append(queued)
+                break
+            batch.append(queued)
+        if len(batch) == 1:
+            await self._process(first)
+            return
+        try:
+            published, rejected = await self._commit_batch(batch)
+        except Exception as failure:
+            logger.debug("running %d commands one by one after %r", len(batch), failure)
+            live.backlog.extendleft(reversed(batch))
+            live.one_by_one += len(batch)
+            if isinstance(failure, TransactionFailed):
+                await self._load()
+            return
+        # Committed: from here on nothing may send the batch round again.
+        self.rt.commands_processed += len(batch)
+        for envelopes in published:
+            for query_name, _ in self.rt.queries:
+                await named_subject(query_name).send_wait(
+                    ProcessEvents(self.aggregate_id, envelopes)
+                )
+        for index, message in enumerate(batch):
+            reply_to = getattr(message, "reply_to", None)
+            error = rejected.get(index)
+            _reply(reply_to, outcome.Value(None) if error is None else outcome.Error(error))
+
+    async def _commit_batch(
+        self, batch: list[ExecuteCommand | ExecuteCommandWithResponse]
+    ) -> tuple[list[Sequence[EventEnvelope[EventT]]], dict[int, DomainError]]:
+        """Decide and commit ``batch``; return each commit's envelopes and the rejections.
+
+        The cached state changes only once the store transaction has committed.
+        """
+        rt = self.rt
+        entity, sequence = self.entity, self.sequence
+        decided: list[tuple[Any, Sequence[EventT], Any]] = []  # (message, events, entity)
+        rejected: dict[int, DomainError] = {}
+        for index, message in enumerate(batch):
+            try:
+                events: Sequence[EventT]
+                if rt.handle_is_async:
+                    events = await rt.handle(entity, message.command)  # type: ignore[misc]
+                else:
+                    events = rt.handle(entity, message.command)  # type: ignore[assignment]
+            except DomainError as rejection:
+                rejected[index] = rejection
+                continue
+            for event in events:
+                entity = rt.apply(entity, event)
+            decided.append((message, events, entity))
+        store, every = rt.store, rt.snapshot_every
+        published: list[Sequence[EventEnvelope[EventT]]] = []
+        snapshot_due = False
+        async with store.transaction() as tx:
+            previous = self.entity
+            for message, events, after in decided:
+                if not events:
+                    continue
+                envelopes, sequence = await store.commit_events(
+                    tx, Aggregate(self.aggregate_id, previous, sequence), events, message.metadata
+                )
+                published.append(envelopes)
+                previous = after
+            snapshot_due = every is not None and sequence // every > self.sequence // every
+            if snapshot_due:
+                await store.save_snapshot(
+                    tx, Snapshot(self.aggregate_id, entity, sequence, utc_now())
+                )
+        self.entity, self.sequence = entity, sequence
+        if snapshot_due:
+            self.has_snapshot = True
+        return published, rejected
 
     async def _commit(
         self, events: Sequence[EventT], metadata: Metadata, entity: EntityT
