@@ -516,11 +516,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
         rt = self.rt
         for attempt in itertools.count(1):
             try:
-                events: Sequence[EventT]
-                if rt.handle_is_async:
-                    events = await rt.handle(self.entity, command)  # type: ignore[misc]
-                else:
-                    events = rt.handle(self.entity, command)  # type: ignore[assignment]
+                events = await self._decide(self.entity, command)
             except DomainError as rejection:
                 rt.commands_processed += 1
                 _reply(reply_to, outcome.Error(rejection))
@@ -544,13 +540,23 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
                 continue
             self.entity, self.sequence = entity, sequence
             rt.commands_processed += 1
-            for query_name, _ in rt.queries:
-                # Waiting for room (rather than dropping) keeps every query complete.
-                await named_subject(query_name).send_wait(
-                    ProcessEvents(self.aggregate_id, envelopes)
-                )
+            await self._publish(envelopes)
             _reply(reply_to, outcome.Value(None))
             return
+
+    async def _decide(self, entity: EntityT, command: Any) -> Sequence[EventT]:
+        """``handle(entity, command)``, awaited when it is async."""
+        rt = self.rt
+        if rt.handle_is_async:
+            events: Sequence[EventT] = await rt.handle(entity, command)  # type: ignore[misc]
+            return events
+        return rt.handle(entity, command)  # type: ignore[return-value]
+
+    async def _publish(self, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
+        """Feed one commit's events to every query."""
+        for query_name, _ in self.rt.queries:
+            # Waiting for room (rather than dropping) keeps every query complete.
+            await named_subject(query_name).send_wait(ProcessEvents(self.aggregate_id, envelopes))
 
     async def _execute_queued(self, first: ExecuteCommand | ExecuteCommandWithResponse) -> None:
         """Run ``first`` and the commands queued right behind it as one commit (pipelining).
@@ -589,10 +595,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
         # Committed: from here on nothing may send the batch round again.
         self.rt.commands_processed += len(batch)
         for envelopes in published:
-            for query_name, _ in self.rt.queries:
-                await named_subject(query_name).send_wait(
-                    ProcessEvents(self.aggregate_id, envelopes)
-                )
+            await self._publish(envelopes)
         for index, message in enumerate(batch):
             reply_to = getattr(message, "reply_to", None)
             error = rejected.get(index)
@@ -611,11 +614,7 @@ class _AggregateTask(Generic[CommandT, EventT, EntityT]):
         rejected: dict[int, DomainError] = {}
         for index, message in enumerate(batch):
             try:
-                events: Sequence[EventT]
-                if rt.handle_is_async:
-                    events = await rt.handle(entity, message.command)  # type: ignore[misc]
-                else:
-                    events = rt.handle(entity, message.command)  # type: ignore[assignment]
+                events = await self._decide(entity, message.command)
             except DomainError as rejection:
                 rejected[index] = rejection
                 continue
