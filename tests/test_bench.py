@@ -45,10 +45,9 @@ def _measured(report: Report, workload: str, store: str, library: str) -> bool:
     return report.median(workload, store, library, key) is not None
 
 
+@pytest.mark.skipif(not ON_CI, reason="only CI (CI=true) requires the peer library")
 def test_the_peer_is_installed_on_ci() -> None:
     """On CI the peer library is installed (bench extra), so its rows are never skipped."""
-    if not ON_CI:
-        pytest.skip("only CI (CI=true) requires the peer library")
     assert _peer_installed(), "CI=true but `eventsourcing` is missing: install '.[bench]'"
 
 

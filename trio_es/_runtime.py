@@ -198,6 +198,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
     live: dict[str, _Live] = attrs.Factory(dict)
     aggregates: DynamicSupervisor | None = None
     commands_processed: int = 0
+    _subject: Subject[Message] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.handle_is_async = inspect.iscoroutinefunction(self.handle)
@@ -323,7 +324,10 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         as the task would: no task switch at all. Otherwise the message queues behind the
         others, waiting for room.
         """
-        mailbox = named_subject(self.name)
+        mailbox = self._subject
+        if mailbox is None:
+            # Once per system: a RunVar lookup is not free on the per-command path.
+            mailbox = self._subject = named_subject(self.name)
         if not mailbox.idle_reader():
             await mailbox.send_wait(message)
             return
