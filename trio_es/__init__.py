@@ -20,6 +20,7 @@ from ._api import load_events_from as load_events_from
 from ._api import system_stats as system_stats
 from ._errors import ActorTimeout as ActorTimeout
 from ._errors import AggregateCrashed as AggregateCrashed
+from ._errors import CommitOutcomeUnknown as CommitOutcomeUnknown
 from ._errors import ConcurrencyConflict as ConcurrencyConflict
 from ._errors import DomainError as DomainError
 from ._errors import EntityNotFound as EntityNotFound
@@ -27,6 +28,7 @@ from ._errors import EventSourcingError as EventSourcingError
 from ._errors import EventStoreError as EventStoreError
 from ._errors import MailboxFull as MailboxFull
 from ._errors import NonPositiveArgument as NonPositiveArgument
+from ._errors import SystemStopped as SystemStopped
 from ._errors import TransactionFailed as TransactionFailed
 from ._errors import TransactionRolledBack as TransactionRolledBack
 from ._errors import describe_error as describe_error

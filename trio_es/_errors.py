@@ -12,6 +12,7 @@ from typing import final
 __all__ = [
     "ActorTimeout",
     "AggregateCrashed",
+    "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "DomainError",
     "EntityNotFound",
@@ -19,6 +20,7 @@ __all__ = [
     "EventStoreError",
     "MailboxFull",
     "NonPositiveArgument",
+    "SystemStopped",
     "TransactionFailed",
     "TransactionRolledBack",
     "describe_error",
@@ -158,6 +160,50 @@ class ConcurrencyConflict(TransactionFailed):
         return (
             f"concurrency conflict on aggregate {self.aggregate_id!r}: expected stored "
             f"sequence {self.expected_sequence}, found {self.actual_sequence}; reload and retry"
+        )
+
+
+@final
+class CommitOutcomeUnknown(EventStoreError):
+    """A commit was sent but its outcome could not be learned: it may or may not be stored.
+
+    Raised when the connection to the database was lost after the commit was sent and
+    the store could not find out afterwards whether it landed (the SQL stores look the
+    commit's event ids up on a fresh connection first, and answer for certain when they
+    can). It is never retried automatically, since a retry could store the command twice:
+    read the aggregate (``load_events``) to learn what happened, then decide.
+    """
+
+    def __init__(self, message: str, *, aggregate_id: str | None = None) -> None:
+        super().__init__(message, aggregate_id=aggregate_id)
+
+    def __str__(self) -> str:
+        return (
+            f"commit outcome unknown: {self.message}{_about(self.aggregate_id)}; it may or "
+            "may not be stored, so load the aggregate's events before retrying"
+        )
+
+
+@final
+class SystemStopped(EventSourcingError):
+    """The eventsourcing system was stopped, so the call could not be served.
+
+    A call made after the ``open_eventsourcing`` block exited, or one still waiting for
+    its turn when it exited, gets this error and nothing of it was committed; one whose
+    commit was under way finished it first (and got its real reply) unless the store
+    itself hung.
+    """
+
+    operation: str
+
+    def __init__(self, operation: str) -> None:
+        super().__init__(operation)
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return (
+            f"{self.operation} failed: the eventsourcing system has stopped; call it inside "
+            "the open_eventsourcing block"
         )
 
 

@@ -37,9 +37,9 @@ import pytest
 import trio
 import trio.lowlevel
 
-from ._errors import ConcurrencyConflict, EventStoreError
-from ._serialization import Transcoder
-from ._types import Aggregate, Metadata, Snapshot, utc_now
+from .._errors import ConcurrencyConflict, EventStoreError
+from .._serialization import Transcoder
+from .._types import Aggregate, Metadata, Snapshot, utc_now
 
 __all__ = [
     "ODD_IDS",
