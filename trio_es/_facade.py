@@ -1,13 +1,15 @@
-"""An async facade over the message API, for Trio code that awaits results.
+"""An async facade over the runtime, for Trio code that awaits results.
 
 ``open_eventsourcing`` starts the whole supervision tree in a nursery of its own and
-stops it when the block exits. Its methods wait for room in the mailbox instead of
-raising ``MailboxFull`` (backpressure), then wait for the reply.
+stops it when the block exits. Each call puts its message straight into its aggregate's
+mailbox, waiting for room instead of raising ``MailboxFull`` (backpressure: memory stays
+bounded by the mailboxes plus one message per waiting caller), then waits for the reply;
+``call_timeout`` bounds the whole call.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
@@ -15,16 +17,17 @@ import attrs
 import trio
 
 from ._api import check_start_from, new_reply
-from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, build_runtime
+from ._errors import ActorTimeout, SystemStopped
+from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, _Runtime, build_runtime
 from ._store import EventStore
-from ._subject import Name, Subject, named_subject, new_name, wait_for
+from ._subject import Name, Subject, named_subject, new_name
 from ._types import (
     Aggregate,
+    AggregateMessage,
     AggregateStats,
     EventEnvelope,
     ExecuteCommandWithResponse,
     GetAggregateStats,
-    GetSystemStats,
     LoadAggregate,
     LoadEvents,
     LoadLatestSnapshot,
@@ -52,27 +55,49 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
     """A running eventsourcing system, as :func:`open_eventsourcing` yields it.
 
     Calls for one aggregate are processed in the order they were made; a load made after
-    an ``execute`` returned sees that command's effect. Every call waits at most
-    ``call_timeout`` for its reply (then raises ``ActorTimeout``), or forever if it is
-    ``None``; wrap calls in your own Trio cancel scopes for finer control.
+    an ``execute`` returned sees that command's effect. Every call ends within
+    ``call_timeout`` (then raises ``ActorTimeout``), or waits as long as it takes if it
+    is ``None``; wrap calls in your own Trio cancel scopes for finer control.
+
+    What a caller may assume when ``execute`` ends:
+
+    * it returned: the command's events are committed, exactly once, and the queries
+      were handed them;
+    * ``DomainError``, ``TypeError`` (``handle`` returned no sequence), ``EventStoreError``
+      (other than ``CommitOutcomeUnknown``), ``TransactionFailed``, a crash's own
+      exception, ``AggregateCrashed`` or ``SystemStopped``: nothing of it was committed;
+    * ``CommitOutcomeUnknown``, ``ActorTimeout`` or a cancellation of the caller: it may
+      or may not be committed (it is never committed twice); read the aggregate's events
+      to find out. A cancelled or timed-out command that was already queued still runs,
+      and its events still reach every query.
 
     Attributes:
         subject: the public subject, for the message API (``execute``, ``receive`` ...).
-        call_timeout: the longest a call waits for its reply.
+        call_timeout: the longest a call may take.
     """
 
     subject: Subject[Message]
     call_timeout: Timeout | None = Timeout(30_000)
-    _send: Callable[[Message], Awaitable[None]] | None = attrs.field(default=None, repr=False)
+    _runtime: _Runtime[Any, Any, Any] | None = attrs.field(default=None, repr=False)
 
-    async def _call(self, operation: str, make: Callable[[Reply[Any]], Message]) -> Any:
+    async def _call(self, operation: str, make: Callable[[Reply[Any]], AggregateMessage]) -> Any:
+        runtime = self._runtime
+        if runtime is None or runtime.stopped:
+            # Raised before any await: a call after the block exited fails at once.
+            raise SystemStopped(operation)
         reply: Reply[Any] = new_reply(f"{operation} reply")
         message = make(reply)
-        if self._send is None:
-            await self.subject.send_wait(message)
-        else:
-            await self._send(message)
-        return await wait_for(reply, self.call_timeout, operation)
+        limit = self.call_timeout
+        if limit is None:
+            await runtime.deliver(message, operation)
+            return (await reply.get()).unwrap()
+        try:
+            with trio.fail_after(limit.seconds):
+                await runtime.deliver(message, operation)
+                result = await reply.get()
+        except trio.TooSlowError:
+            raise ActorTimeout(operation, limit.milliseconds) from None
+        return result.unwrap()
 
     async def execute(
         self, aggregate_id: str, command: CommandT, metadata: Iterable[tuple[str, str]] = ()
@@ -81,9 +106,16 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
 
         Raises:
             DomainError: the domain rejected the command; nothing was committed.
-            TransactionFailed: the commit kept failing after the configured retries.
-            ActorTimeout: no reply within ``call_timeout``.
-            Exception: ``handle``, ``apply`` or the store crashed on this command.
+            TransactionFailed: the commit kept failing after the configured retries;
+                nothing was committed.
+            CommitOutcomeUnknown: the store could not tell whether the commit landed.
+            EventStoreError: the store refused the events (e.g. they cannot be
+                serialized) or failed; nothing was committed.
+            TypeError: ``handle`` returned something that is not a sequence of events.
+            ActorTimeout: no reply within ``call_timeout``: maybe committed.
+            SystemStopped: the system stopped before the command ran.
+            Exception: ``handle`` or ``apply`` crashed on this command (the aggregate's
+                task restarts); nothing was committed.
         """
         aggregate_id = check_aggregate_id(aggregate_id)
         pairs = metadata_tuple(metadata)
@@ -92,7 +124,9 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
         )
 
     async def load_aggregate(self, aggregate_id: str) -> Aggregate[EntityT]:
-        """The aggregate's current state.
+        """The aggregate's current state, caught up with the store first.
+
+        Other processes' commits to the same store are included.
 
         Raises:
             EntityNotFound: the aggregate has no events.
@@ -123,9 +157,12 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
         return snapshot
 
     async def system_stats(self) -> SystemStats:
-        """The number of queries and of commands processed so far."""
-        stats: SystemStats = await self._call("system_stats", GetSystemStats)
-        return stats
+        """The number of queries, of commands processed so far, of live aggregates."""
+        runtime = self._runtime
+        if runtime is None or runtime.stopped:
+            raise SystemStopped("system_stats")
+        await trio.lowlevel.checkpoint()
+        return runtime.stats()
 
     async def aggregate_stats(self, aggregate_id: str) -> AggregateStats:
         """The aggregate's event count, current sequence and whether it has a snapshot."""
@@ -153,7 +190,9 @@ async def open_eventsourcing(
 
     Takes the arguments of :func:`trio_es.supervised` (``name`` is optional here), plus
     ``call_timeout`` in milliseconds (``None``: wait forever). The system is stopped,
-    every aggregate and query task with it, when the block exits.
+    every aggregate and query task with it, when the block exits: commits under way
+    finish (within ``RuntimeOptions.shutdown_grace``) and answer their callers, calls
+    still queued and calls made afterwards raise ``SystemStopped``.
     """
     limit = (
         call_timeout
@@ -171,7 +210,14 @@ async def open_eventsourcing(
         snapshot_config=snapshot_config,
         options=options,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(runtime.spec().start)
-        yield EventSourcing(named_subject(name), limit, runtime.send)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.spec().start)
+            try:
+                yield EventSourcing(named_subject(name), limit, runtime)
+            finally:
+                # Calls from now on fail at once; commits under way get a grace period.
+                runtime.begin_stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        runtime.finish_stop()

@@ -1,4 +1,4 @@
-"""The eventsourcing runtime: a router, one supervised task per live aggregate, query tasks.
+"""The eventsourcing runtime: routing, the supervision tree, queries and options.
 
 Shape of the supervision tree that :func:`supervised` describes::
 
@@ -7,16 +7,20 @@ Shape of the supervision tree that :func:`supervised` describes::
     ├── aggregates (dynamic, intensity counted per aggregate): one task per live aggregate
     └── router: reads the public subject, forwards each message to its aggregate's mailbox
 
-Everything that must survive a restart (the mailboxes, the map of live aggregates, the
+What one aggregate does with its messages lives in :mod:`trio_es._aggregate`. Everything
+that must survive a restart (the mailboxes and backlogs, the map of live aggregates, the
 counters) lives in :class:`_Runtime`, outside the tasks, so a restarted task loses nothing.
+
+A message reaches its aggregate's mailbox one of two ways, and both wait for nothing but
+room: the seed's message API sends to the public subject and the router forwards it
+(``MailboxFull`` when the aggregate's mailbox is full, as the seed does); the awaiting
+facade puts it straight into the aggregate's mailbox, waiting for room (backpressure).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import inspect
-import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar, final
@@ -25,17 +29,11 @@ import attrs
 import outcome
 import trio
 
-from ._errors import (
-    AggregateCrashed,
-    DomainError,
-    EntityNotFound,
-    MailboxFull,
-    TransactionFailed,
-)
+from ._aggregate import AggregateTask, Live, Shared, refuse, reply
+from ._errors import AggregateCrashed, MailboxFull, SystemStopped
 from ._store import EventStore
 from ._subject import DEFAULT_CAPACITY, Name, Subject, named_subject
 from ._supervisor import (
-    ChildHandle,
     ChildSpecification,
     DynamicSupervisor,
     Restart,
@@ -45,9 +43,7 @@ from ._supervisor import (
     worker,
 )
 from ._types import (
-    Aggregate,
     AggregateMessage,
-    AggregateStats,
     EventEnvelope,
     ExecuteCommand,
     ExecuteCommandWithResponse,
@@ -58,12 +54,9 @@ from ._types import (
     LoadEvents,
     LoadLatestSnapshot,
     Message,
-    Metadata,
     ProcessEvents,
-    Snapshot,
     SnapshotConfig,
     SystemStats,
-    utc_now,
 )
 from ._validated import positive_int
 
@@ -84,9 +77,6 @@ QueryFn = Callable[[str, Sequence[EventEnvelope[Any]]], object]
 #: A read model: the name of its mailbox and the function fed with each commit's events.
 Query = tuple[Name[Any], QueryFn]
 
-_EXECUTES: Final = (ExecuteCommand, ExecuteCommandWithResponse)
-#: The most commands of one aggregate that one commit takes.
-_MAX_PIPELINE: Final = 64
 _AGGREGATE_MESSAGES: Final = (
     ExecuteCommand,
     ExecuteCommandWithResponse,
@@ -96,6 +86,8 @@ _AGGREGATE_MESSAGES: Final = (
     LoadLatestSnapshot,
     GetAggregateStats,
 )
+#: The first back-off before a failing query's batch is retried; it doubles each time.
+_QUERY_BACKOFF: Final = 0.05
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -125,14 +117,21 @@ class RuntimeOptions:
             ``AggregateCrashed``. Counted per aggregate, so bugs spread over many
             aggregates never take the system down.
         aggregate_period: the window, in seconds, for ``aggregate_intensity``.
-        query_intensity: restarts the query tasks may take within ``query_period``
-            seconds before their supervisor gives up (and escalates).
-        query_period: the window, in seconds, for ``query_intensity``.
+        query_intensity: how often a query whose function raises is retried on the
+            same batch (the batch is redelivered, never dropped) before the query is
+            stopped: logged, listed in ``SystemStats.failed_queries``, and fed nothing
+            more. Commands keep flowing either way.
+        query_period: the longest back-off, in seconds, between two retries of a
+            failing query (it starts at 0.05 s and doubles).
         transaction_retries: how often a command whose commit failed with
-            ``TransactionFailed`` (including ``ConcurrencyConflict``) is retried on
-            reloaded state before the caller gets the error.
-        mailbox_capacity: messages one aggregate's mailbox holds before sends to it
-            are refused with ``MailboxFull``.
+            ``TransactionFailed`` (including ``ConcurrencyConflict``: another writer,
+            maybe another process, got there first) is decided again on reloaded state,
+            after a jittered exponential back-off, before the caller gets the error.
+        mailbox_capacity: messages one aggregate's mailbox holds. The facade waits for
+            room; the message API's sends are refused with ``MailboxFull``.
+        shutdown_grace: seconds a commit under way when the system stops may take to
+            finish (its callers then get their real reply); past that its callers get
+            ``CommitOutcomeUnknown``.
     """
 
     idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
@@ -140,46 +139,9 @@ class RuntimeOptions:
     aggregate_period: float = attrs.field(default=5.0, validator=_positive_seconds)
     query_intensity: int = attrs.field(default=10, validator=_non_negative)
     query_period: float = attrs.field(default=5.0, validator=_positive_seconds)
-    transaction_retries: int = attrs.field(default=3, validator=_non_negative)
+    transaction_retries: int = attrs.field(default=20, validator=_non_negative)
     mailbox_capacity: int = attrs.field(default=DEFAULT_CAPACITY, validator=_positive)
-
-
-def _reply(reply_to: Subject[outcome.Outcome[Any]] | None, result: outcome.Outcome[Any]) -> None:
-    """Answer a caller; a caller that stopped listening must not crash the aggregate."""
-    if reply_to is None:
-        return
-    try:
-        reply_to.send(result)
-    except MailboxFull:
-        logger.warning("dropped a reply to %s: its mailbox is full", reply_to.label)
-
-
-@attrs.frozen
-class _Crashed:
-    """Sent to an aggregate's own task when a message processed for it elsewhere crashed."""
-
-    error: Exception
-
-
-@attrs.define(eq=False)
-class _Live:
-    """A live aggregate: its mailbox (which outlives restarts) and its task's handle.
-
-    ``lock`` is held while a message is processed, by the aggregate's task or by a caller
-    processing its own message in place (see :meth:`_Runtime.send`): one message at a time.
-    """
-
-    mailbox: Subject[AggregateMessage | _Crashed]
-    handle: ChildHandle | None = None
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    #: The task's state once loaded; None while it (re)loads or after it ended.
-    task: _AggregateTask[Any, Any, Any] | None = None
-    last_active: float = 0.0
-    #: Messages taken from the mailbox but not processed yet (they come before the
-    #: mailbox's); kept here, not in the task, so that a restart keeps them too.
-    backlog: collections.deque[AggregateMessage | _Crashed] = attrs.Factory(collections.deque)
-    #: How many backlog messages must be processed one by one (a batch fell apart).
-    one_by_one: int = 0
+    shutdown_grace: float = attrs.field(default=5.0, validator=_positive_seconds)
 
 
 @attrs.define(eq=False)
@@ -187,84 +149,205 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
     """State shared by the router, the aggregate tasks and the queries."""
 
     name: Name[Message]
-    store: EventStore[Any, EventT, EntityT]
-    handle: HandleFn[EntityT, CommandT, EventT]
-    apply: ApplyFn[EntityT, EventT]
-    empty_state: EntityT
+    shared: Shared[CommandT, EventT, EntityT]
     queries: tuple[Query, ...]
-    snapshot_every: int | None
     options: RuntimeOptions
-    handle_is_async: bool = attrs.field(init=False)
-    live: dict[str, _Live] = attrs.Factory(dict)
+    live: dict[str, Live] = attrs.Factory(dict)
     aggregates: DynamicSupervisor | None = None
-    commands_processed: int = 0
-    _subject: Subject[Message] | None = attrs.field(default=None, init=False)
+    #: The labels of the queries that kept failing and were stopped.
+    failed_queries: dict[Name[Any], str] = attrs.Factory(dict)
+    #: True once the facade's block began to exit: calls are refused with SystemStopped.
+    stopped: bool = False
+    _public: Subject[Message] | None = attrs.field(default=None, init=False)
 
-    def __attrs_post_init__(self) -> None:
-        self.handle_is_async = inspect.iscoroutinefunction(self.handle)
+    # -- routing: synchronous, so no message can overtake another --
 
-    # -- router side: synchronous, so no message can overtake another --
+    def stats(self) -> SystemStats:
+        return SystemStats(
+            len(self.queries),
+            self.shared.commands_processed,
+            len(self.live),
+            failed_queries=tuple(self.failed_queries.values()),
+        )
 
     def dispatch(self, message: Message) -> None:
+        """Forward a message-API message; ``MailboxFull`` goes back to its sender."""
         if isinstance(message, GetSystemStats):
-            stats = SystemStats(len(self.queries), self.commands_processed, len(self.live))
-            _reply(message.reply_to, outcome.Value(stats))
+            reply(message.reply_to, outcome.Value(self.stats()))
         elif isinstance(message, _AGGREGATE_MESSAGES):
             live = self.live.get(message.aggregate_id) or self._spawn(message.aggregate_id)
             try:
                 live.mailbox.send(message)
             except MailboxFull as error:
-                _refuse(message, error)
+                refuse(message, error)
         else:
             logger.error("eventsourcing %s ignored an unknown message %r", self.name.label, message)
 
-    def _spawn(self, aggregate_id: str) -> _Live:
-        live = _Live(
+    async def deliver(self, message: AggregateMessage, operation: str) -> None:
+        """Queue a facade call's message in its aggregate's mailbox, waiting for room.
+
+        Raises:
+            SystemStopped: the system stopped before the message could be queued.
+            AggregateCrashed: the aggregate was given up on while the call waited.
+        """
+        while True:
+            if self.stopped:
+                raise SystemStopped(operation)
+            # Messages the router has not forwarded yet were sent before this one: forward
+            # them first (the router forwards synchronously, so doing it here is the same).
+            public = self._public
+            if public is None:
+                public = self._public = named_subject(self.name)
+            while len(public):
+                self.dispatch(public.get_nowait())
+            live = self.live.get(message.aggregate_id) or self._spawn(message.aggregate_id)
+            try:
+                await live.mailbox.send_wait(message)
+                return
+            except trio.ClosedResourceError:
+                if live.closed_error is not None and not self.stopped:
+                    raise live.closed_error from None
+                # (else the loop raises SystemStopped)
+
+    def _spawn(self, aggregate_id: str) -> Live:
+        live = Live(
             Subject(capacity=self.options.mailbox_capacity, label=f"aggregate {aggregate_id!r}")
         )
         self.live[aggregate_id] = live
         self._start(aggregate_id, live)
         return live
 
-    def _start(self, aggregate_id: str, live: _Live) -> None:
-        if self.aggregates is None:
+    def _start(self, aggregate_id: str, live: Live) -> None:
+        if self.aggregates is None or self.stopped:
             # The aggregate supervisor is restarting; it starts every queued mailbox when up.
             return
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             task_status.started()
-            await _AggregateTask(self, aggregate_id, live).run()
+            task = AggregateTask(
+                self.shared,
+                aggregate_id,
+                live,
+                self.options.idle_timeout,
+                functools.partial(self._retire, aggregate_id, live),
+            )
+            await task.run()
 
-        live.handle = self.aggregates.start_child(
-            worker(run, restart=Restart.TRANSIENT, name=f"aggregate {aggregate_id!r}"),
-            on_give_up=functools.partial(self._gave_up, aggregate_id, live),
-        )
+        try:
+            live.handle = self.aggregates.start_child(
+                worker(run, restart=Restart.TRANSIENT, name=f"aggregate {aggregate_id!r}"),
+                on_give_up=functools.partial(self._gave_up, aggregate_id, live),
+            )
+        except RuntimeError:
+            # The supervisor is stopping: the final sweep answers what is queued.
+            return
 
-    def _gave_up(self, aggregate_id: str, live: _Live, error: SupervisorGaveUp) -> None:
+    def _gave_up(self, aggregate_id: str, live: Live, error: SupervisorGaveUp) -> None:
         if self.live.get(aggregate_id) is live:
             del self.live[aggregate_id]
+        cause = error.__cause__
         crashed = AggregateCrashed(aggregate_id=aggregate_id, restarts=error.restarts)
-        crashed.__cause__ = error.__cause__
-        waiting = [*live.backlog]
-        live.backlog.clear()
-        while True:
-            try:
-                waiting.append(live.mailbox.get_nowait())
-            except trio.WouldBlock:
-                break
-        for message in waiting:
-            if not isinstance(message, _Crashed):
-                _refuse(message, crashed)
+        crashed.__cause__ = cause
+        for message in live.close(crashed):
+            refuse(message, crashed)
 
-    def retire(self, aggregate_id: str, live: _Live) -> bool:
+    def _retire(self, aggregate_id: str, live: Live) -> bool:
         """Forget an idle aggregate, unless a message arrived for it meanwhile."""
         idle_for = trio.current_time() - live.last_active
-        busy = len(live.mailbox) or live.backlog or live.lock.locked()
-        if busy or idle_for < self.options.idle_timeout:
+        if not live.idle() or idle_for < self.options.idle_timeout:
             return False
         if self.live.get(aggregate_id) is live:
             del self.live[aggregate_id]
         return True
+
+    # -- stopping (the facade's block exits) --
+
+    def begin_stop(self) -> None:
+        """Refuse new calls; commits under way get ``shutdown_grace`` to finish."""
+        self.stopped = True
+        self.shared.begin_stop()
+
+    def finish_stop(self) -> None:
+        """Answer every message still queued anywhere with ``SystemStopped``.
+
+        Runs once every task has ended: nothing of these messages was committed. Senders
+        still waiting for room in a mailbox wake with ``SystemStopped`` too.
+        """
+        stopped = SystemStopped("the call")
+        for live in list(self.live.values()):
+            for message in live.close(stopped):
+                refuse(message, SystemStopped(_operation(message)))
+        self.live.clear()
+        public = named_subject(self.name)
+        while True:
+            try:
+                queued = public.get_nowait()
+            except trio.WouldBlock:
+                break
+            refuse(queued, SystemStopped(_operation(queued)))
+
+    # -- queries --
+
+    async def publish(self, aggregate_id: str, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
+        """Feed one commit's events to every query that has not been stopped."""
+        for query_name, _ in self.queries:
+            if query_name in self.failed_queries:
+                continue
+            # Waiting for room (rather than dropping) keeps every query complete.
+            await named_subject(query_name).send_wait(ProcessEvents(aggregate_id, envelopes))
+
+    async def _run_query(
+        self,
+        name: Name[Any],
+        fn: QueryFn,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Feed a query each commit's events, in commit order for each aggregate.
+
+        A batch that makes ``fn`` raise is delivered again after a back-off; after
+        ``query_intensity`` retries the query is stopped and reported, and the batches
+        still queued for it are dropped so that commands never wait on it.
+        """
+        mailbox: Subject[ProcessEvents[Any]] = named_subject(name)
+        is_async = inspect.iscoroutinefunction(fn)
+        task_status.started()
+        if name in self.failed_queries:
+            await _discard_forever(mailbox)
+        while True:
+            message = await mailbox.get()
+            failures = 0
+            while True:
+                try:
+                    result = fn(message.aggregate_id, message.events)
+                    if is_async:
+                        await result  # type: ignore[misc]
+                    break
+                except Exception as error:
+                    failures += 1
+                    if failures > self.options.query_intensity:
+                        logger.error(
+                            "query %s failed %d times on the events of aggregate %r "
+                            "(last: %r); it is stopped and gets no more events",
+                            name.label,
+                            failures,
+                            message.aggregate_id,
+                            error,
+                        )
+                        self.failed_queries[name] = name.label
+                        await _discard_forever(mailbox)
+                    delay = min(self.options.query_period, _QUERY_BACKOFF * 2 ** (failures - 1))
+                    logger.warning(
+                        "query %s raised %r on the events of aggregate %r; retrying in %g s "
+                        "(retry %d of %d)",
+                        name.label,
+                        error,
+                        message.aggregate_id,
+                        delay,
+                        failures,
+                        self.options.query_intensity,
+                    )
+                    del error
+                    await trio.sleep(delay)
 
     # -- the supervision tree --
 
@@ -276,7 +359,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             name=f"{self.name.label} queries",
         )
         for query_name, fn in self.queries:
-            queries.add(worker(functools.partial(_run_query, query_name, fn), name=query_name))
+            queries.add(worker(functools.partial(self._run_query, query_name, fn), name=query_name))
         return (
             StaticSupervisor(Strategy.ONE_FOR_ONE, name=self.name.label)
             .add(queries.supervised())
@@ -310,362 +393,35 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         mailbox = named_subject(self.name)
-        task_status.started()
-        while True:
-            self.dispatch(await mailbox.get())
-
-    async def send(self, message: Message) -> None:
-        """Deliver ``message`` as the public subject would, skipping hops when that is safe.
-
-        The router only forwards; while it is idle (waiting on an empty mailbox, holding
-        no message) forwarding here instead cannot reorder anything. Likewise, while the
-        aggregate's task is idle (state loaded, mailbox empty, nothing in hand) the
-        caller processes its own message in place, holding the aggregate's lock, exactly
-        as the task would: no task switch at all. Otherwise the message queues behind the
-        others, waiting for room.
-        """
-        mailbox = self._subject
-        if mailbox is None:
-            # Once per system: a RunVar lookup is not free on the per-command path.
-            mailbox = self._subject = named_subject(self.name)
-        if not mailbox.idle_reader():
-            await mailbox.send_wait(message)
-            return
-        if isinstance(message, _AGGREGATE_MESSAGES):
-            live = self.live.get(message.aggregate_id)
-            if (
-                live is not None
-                and live.task is not None
-                and not live.task.stale
-                and not live.lock.locked()
-                and not live.backlog
-                and live.mailbox.idle_reader()
-            ):
-                live.lock.acquire_nowait()
-                try:
-                    await live.task.process_in_place(message)
-                finally:
-                    live.lock.release()
-                return
-        self.dispatch(message)
-        await trio.lowlevel.checkpoint()
+        # Messages sent while the router was down come first; from then on each message
+        # is forwarded during its send, so none can overtake another.
+        while len(mailbox):
+            self.dispatch(mailbox.get_nowait())
+        mailbox.forward_to(self.dispatch)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            mailbox.forward_to(None)
 
 
-def _refuse(message: Message, error: BaseException) -> None:
-    reply_to = getattr(message, "reply_to", None)
-    if reply_to is None:
-        logger.error("dropped %r: %s", message, error)
-    else:
-        _reply(reply_to, outcome.Error(error))
-
-
-async def _run_query(
-    name: Name[Any], fn: QueryFn, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Feed a query the events of each commit, in commit order for each aggregate."""
-    mailbox: Subject[ProcessEvents[Any]] = named_subject(name)
-    is_async = inspect.iscoroutinefunction(fn)
-    task_status.started()
+async def _discard_forever(mailbox: Subject[Any]) -> None:
+    """Drain a stopped query's mailbox for good, so that no publisher waits on it."""
     while True:
-        message = await mailbox.get()
-        result = fn(message.aggregate_id, message.events)
-        if is_async:
-            await result  # type: ignore[misc]
+        await mailbox.get()
 
 
-@attrs.define(eq=False)
-class _AggregateTask(Generic[CommandT, EventT, EntityT]):
-    """One live aggregate: its cached state and the loop that serves its mailbox.
-
-    Messages for one aggregate are processed one at a time, in the order they were sent.
-    """
-
-    rt: _Runtime[CommandT, EventT, EntityT]
-    aggregate_id: str
-    live: _Live
-    entity: Any = None
-    sequence: int = 0
-    has_snapshot: bool = False
-    #: The cached state may be wrong (a message processed in place failed): reload it.
-    stale: bool = False
-
-    async def run(self) -> None:
-        live = self.live
-        mailbox = live.mailbox
-        idle_timeout = self.rt.options.idle_timeout
-        try:
-            await self._load()
-            live.task = self
-            while True:
-                message: AggregateMessage | _Crashed | None
-                if live.backlog:
-                    message = live.backlog.popleft()
-                else:
-                    try:
-                        message = mailbox.get_nowait()
-                    except trio.WouldBlock:
-                        message = None
-                        with trio.move_on_after(idle_timeout):
-                            message = await mailbox.get()
-                        if message is None:
-                            if self.rt.retire(self.aggregate_id, live):
-                                return
-                            continue
-                # Acquiring also yields, so a busy aggregate whose store never awaits
-                # cannot starve the other tasks.
-                async with live.lock:
-                    if isinstance(message, _Crashed):
-                        raise message.error
-                    if self.stale:
-                        await self._load()
-                    if live.one_by_one:
-                        live.one_by_one -= 1
-                        await self._process(message)
-                    elif isinstance(message, _EXECUTES):
-                        await self._execute_queued(message)
-                    else:
-                        await self._process(message)
-                    live.last_active = trio.current_time()
-        finally:
-            if live.task is self:
-                live.task = None
-
-    async def process_in_place(self, message: AggregateMessage) -> None:
-        """Process ``message`` in the caller's task; the caller holds the aggregate's lock.
-
-        A crash here must still restart the aggregate's task (and count towards its
-        restart intensity): the state is marked stale, so nothing uses it, and the task
-        is told to crash.
-        """
-        try:
-            await self._process(message)
-        except Exception as error:
-            self.stale = True
-            try:
-                self.live.mailbox.send(_Crashed(error))
-            except MailboxFull:
-                logger.warning("aggregate %r: could not report a crash", self.aggregate_id)
-        except BaseException:
-            self.stale = True
-            raise
-        finally:
-            self.live.last_active = trio.current_time()
-
-    async def _load(self) -> None:
-        """(Re)load state: the latest snapshot (if snapshots are on), then the later events."""
-        rt = self.rt
-        snapshot: Snapshot[EntityT] | None = None
-        async with rt.store.transaction() as tx:
-            if rt.snapshot_every is not None:
-                snapshot = await rt.store.load_snapshot(tx, self.aggregate_id)
-            start = 0 if snapshot is None else snapshot.sequence
-            events = await rt.store.load_events(tx, self.aggregate_id, start)
-        entity = rt.empty_state if snapshot is None else snapshot.entity
-        apply = rt.apply
-        for envelope in events:
-            entity = apply(entity, envelope.payload)
-        self.entity = entity
-        self.sequence = events[-1].sequence if events else start
-        self.has_snapshot = snapshot is not None
-        self.stale = False
-
-    async def _process(self, message: AggregateMessage) -> None:
-        try:
-            match message:
-                case ExecuteCommand(_, command, metadata):
-                    await self._execute(command, metadata, None)
-                case ExecuteCommandWithResponse(_, command, metadata, reply_to):
-                    await self._execute(command, metadata, reply_to)
-                case LoadAggregate(aggregate_id, reply_to):
-                    if self.sequence == 0:
-                        _reply(reply_to, outcome.Error(EntityNotFound(aggregate_id=aggregate_id)))
-                    else:
-                        aggregate = Aggregate(aggregate_id, self.entity, self.sequence)
-                        _reply(reply_to, outcome.Value(aggregate))
-                case LoadAllEvents(_, reply_to):
-                    _reply(reply_to, outcome.Value(await self._events(0)))
-                case LoadEvents(_, start_from, reply_to):
-                    _reply(reply_to, outcome.Value(await self._events(start_from)))
-                case LoadLatestSnapshot(_, reply_to):
-                    _reply(reply_to, outcome.Value(await self._snapshot()))
-                case GetAggregateStats(aggregate_id, reply_to):
-                    stats = AggregateStats(
-                        aggregate_id, self.sequence, self.sequence, self.has_snapshot
-                    )
-                    _reply(reply_to, outcome.Value(stats))
-        except Exception as error:
-            # Let it crash: the caller learns why, then the supervisor restarts this task
-            # with state reloaded from the store.
-            _refuse(message, error)
-            raise
-
-    async def _events(self, start_from: int) -> list[EventEnvelope[EventT]]:
-        store = self.rt.store
-        async with store.transaction() as tx:
-            return list(await store.load_events(tx, self.aggregate_id, start_from))
-
-    async def _snapshot(self) -> Snapshot[EntityT] | None:
-        store = self.rt.store
-        if self.rt.snapshot_every is None:
-            return None
-        async with store.transaction() as tx:
-            return await store.load_snapshot(tx, self.aggregate_id)
-
-    async def _execute(
-        self,
-        command: Any,
-        metadata: Metadata,
-        reply_to: Subject[outcome.Outcome[None]] | None,
-    ) -> None:
-        rt = self.rt
-        for attempt in itertools.count(1):
-            try:
-                events = await self._decide(self.entity, command)
-            except DomainError as rejection:
-                rt.commands_processed += 1
-                _reply(reply_to, outcome.Error(rejection))
-                return
-            if not events:
-                rt.commands_processed += 1
-                _reply(reply_to, outcome.Value(None))
-                return
-            # Apply before committing: if apply raises, nothing has been written.
-            entity = self.entity
-            for event in events:
-                entity = rt.apply(entity, event)
-            try:
-                envelopes, sequence = await self._commit(events, metadata, entity)
-            except TransactionFailed as failure:
-                await self._load()
-                if attempt > rt.options.transaction_retries:
-                    _reply(reply_to, outcome.Error(failure))
-                    return
-                logger.info("retrying a command on %r after %s", self.aggregate_id, failure)
-                continue
-            self.entity, self.sequence = entity, sequence
-            rt.commands_processed += 1
-            await self._publish(envelopes)
-            _reply(reply_to, outcome.Value(None))
-            return
-
-    async def _decide(self, entity: EntityT, command: Any) -> Sequence[EventT]:
-        """``handle(entity, command)``, awaited when it is async."""
-        rt = self.rt
-        if rt.handle_is_async:
-            events: Sequence[EventT] = await rt.handle(entity, command)  # type: ignore[misc]
-            return events
-        return rt.handle(entity, command)  # type: ignore[return-value]
-
-    async def _publish(self, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
-        """Feed one commit's events to every query."""
-        for query_name, _ in self.rt.queries:
-            # Waiting for room (rather than dropping) keeps every query complete.
-            await named_subject(query_name).send_wait(ProcessEvents(self.aggregate_id, envelopes))
-
-    async def _execute_queued(self, first: ExecuteCommand | ExecuteCommandWithResponse) -> None:
-        """Run ``first`` and the commands queued right behind it as one commit (pipelining).
-
-        While a commit is in flight, commands for the aggregate pile up in its mailbox.
-        They are decided one after another against the state their predecessors leave
-        (exactly as if run one by one), committed in one store transaction (so a store
-        that batches commits gets them all in one batch), and answered after it. If
-        anything but a domain rejection goes wrong, the batch falls apart: nothing of it
-        was committed, and its commands are run again one by one, with the usual retries
-        and crash handling.
-        """
-        live = self.live
-        batch: list[ExecuteCommand | ExecuteCommandWithResponse] = [first]
-        while len(batch) < _MAX_PIPELINE:
-            try:
-                queued = live.mailbox.get_nowait()
-            except trio.WouldBlock:
-                break
-            if not isinstance(queued, _EXECUTES):
-                live.backlog.append(queued)
-                break
-            batch.append(queued)
-        if len(batch) == 1:
-            await self._process(first)
-            return
-        try:
-            published, rejected = await self._commit_batch(batch)
-        except Exception as failure:
-            logger.debug("running %d commands one by one after %r", len(batch), failure)
-            live.backlog.extendleft(reversed(batch))
-            live.one_by_one += len(batch)
-            if isinstance(failure, TransactionFailed):
-                await self._load()
-            return
-        # Committed: from here on nothing may send the batch round again.
-        self.rt.commands_processed += len(batch)
-        for envelopes in published:
-            await self._publish(envelopes)
-        for index, message in enumerate(batch):
-            reply_to = getattr(message, "reply_to", None)
-            error = rejected.get(index)
-            _reply(reply_to, outcome.Value(None) if error is None else outcome.Error(error))
-
-    async def _commit_batch(
-        self, batch: list[ExecuteCommand | ExecuteCommandWithResponse]
-    ) -> tuple[list[Sequence[EventEnvelope[EventT]]], dict[int, DomainError]]:
-        """Decide and commit ``batch``; return each commit's envelopes and the rejections.
-
-        The cached state changes only once the store transaction has committed.
-        """
-        rt = self.rt
-        entity, sequence = self.entity, self.sequence
-        decided: list[tuple[Any, Sequence[EventT], Any]] = []  # (message, events, entity)
-        rejected: dict[int, DomainError] = {}
-        for index, message in enumerate(batch):
-            try:
-                events = await self._decide(entity, message.command)
-            except DomainError as rejection:
-                rejected[index] = rejection
-                continue
-            for event in events:
-                entity = rt.apply(entity, event)
-            decided.append((message, events, entity))
-        store, every = rt.store, rt.snapshot_every
-        published: list[Sequence[EventEnvelope[EventT]]] = []
-        snapshot_due = False
-        async with store.transaction() as tx:
-            previous = self.entity
-            for message, events, after in decided:
-                if not events:
-                    continue
-                envelopes, sequence = await store.commit_events(
-                    tx, Aggregate(self.aggregate_id, previous, sequence), events, message.metadata
-                )
-                published.append(envelopes)
-                previous = after
-            snapshot_due = every is not None and sequence // every > self.sequence // every
-            if snapshot_due:
-                await store.save_snapshot(
-                    tx, Snapshot(self.aggregate_id, entity, sequence, utc_now())
-                )
-        self.entity, self.sequence = entity, sequence
-        if snapshot_due:
-            self.has_snapshot = True
-        return published, rejected
-
-    async def _commit(
-        self, events: Sequence[EventT], metadata: Metadata, entity: EntityT
-    ) -> tuple[Sequence[EventEnvelope[EventT]], int]:
-        """Commit the events, and a snapshot when the commit reaches a multiple of n."""
-        store = self.rt.store
-        every = self.rt.snapshot_every
-        async with store.transaction() as tx:
-            envelopes, sequence = await store.commit_events(
-                tx, Aggregate(self.aggregate_id, self.entity, self.sequence), events, metadata
-            )
-            snapshot_due = every is not None and sequence // every > self.sequence // every
-            if snapshot_due:
-                await store.save_snapshot(
-                    tx, Snapshot(self.aggregate_id, entity, sequence, utc_now())
-                )
-        if snapshot_due:
-            self.has_snapshot = True
-        return envelopes, sequence
+def _operation(message: object) -> str:
+    return {
+        ExecuteCommand: "execute",
+        ExecuteCommandWithResponse: "execute",
+        LoadAggregate: "load_aggregate",
+        LoadAllEvents: "load_events",
+        LoadEvents: "load_events",
+        LoadLatestSnapshot: "latest_snapshot",
+        GetAggregateStats: "aggregate_stats",
+        GetSystemStats: "system_stats",
+    }.get(type(message), "the call")
 
 
 def supervised(
@@ -725,13 +481,22 @@ def build_runtime(
 ) -> _Runtime[CommandT, EventT, EntityT]:
     """The runtime behind :func:`supervised`; the facade keeps it for :meth:`_Runtime.send`."""
     every = None if snapshot_config is None else snapshot_config.frequency.n
-    return _Runtime(
-        name=name,
+    options = RuntimeOptions() if options is None else options
+    queries = tuple(queries)
+    runtime: _Runtime[CommandT, EventT, EntityT]
+
+    async def publish(aggregate_id: str, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
+        await runtime.publish(aggregate_id, envelopes)
+
+    shared: Shared[CommandT, EventT, EntityT] = Shared(
         store=eventstore,
         handle=handle,
         apply=apply,
         empty_state=empty_state,
-        queries=tuple(queries),
         snapshot_every=every,
-        options=RuntimeOptions() if options is None else options,
+        transaction_retries=options.transaction_retries,
+        shutdown_grace=options.shutdown_grace,
+        publish=publish,
     )
+    runtime = _Runtime(name=name, shared=shared, queries=queries, options=options)
+    return runtime

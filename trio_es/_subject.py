@@ -10,6 +10,7 @@ finds the messages that were queued while it was down.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar, final, overload
 
 import attrs
@@ -52,11 +53,23 @@ class Subject(Generic[T]):
     capacity: int
     _send: trio.MemorySendChannel[T] = attrs.field(repr=False)
     _receive: trio.MemoryReceiveChannel[T] = attrs.field(repr=False)
+    _forward: Callable[[T], None] | None = attrs.field(repr=False)
 
     def __init__(self, *, capacity: int = DEFAULT_CAPACITY, label: str | None = None) -> None:
         self.capacity = positive_int("capacity", capacity)
         self.label = label if label is not None else f"subject-{next(_subject_ids)}"
         self._send, self._receive = trio.open_memory_channel[T](capacity)
+        self._forward = None
+
+    def forward_to(self, forward: Callable[[T], None] | None) -> None:
+        """Hand every message sent from now on to ``forward`` during the send (or stop).
+
+        For an owner that only forwards what it reads, synchronously (the runtime's
+        router): a message handed over in the send can never be overtaken, which a reader
+        waking up later could not promise. Messages queued earlier stay queued for the
+        owner to take first.
+        """
+        self._forward = forward
 
     def send(self, message: T) -> None:
         """Queue ``message`` without waiting.
@@ -64,14 +77,36 @@ class Subject(Generic[T]):
         Raises:
             MailboxFull: the mailbox already holds ``capacity`` messages.
         """
+        forward = self._forward
+        if forward is not None:
+            forward(message)
+            return
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
             raise MailboxFull(mailbox=repr(self.label), capacity=self.capacity) from None
 
     async def send_wait(self, message: T) -> None:
-        """Queue ``message``, waiting for room if the mailbox is full (backpressure)."""
+        """Queue ``message``, waiting for room if the mailbox is full (backpressure).
+
+        Raises:
+            trio.ClosedResourceError: the mailbox was closed (before or while waiting):
+                its reader is gone for good, so the message was not delivered.
+        """
+        forward = self._forward
+        if forward is not None:
+            await trio.lowlevel.checkpoint()
+            forward(message)
+            return
         await self._send.send(message)
+
+    def close(self) -> None:
+        """Refuse further messages: senders waiting for room wake with ``ClosedResourceError``.
+
+        Messages already queued stay readable with :meth:`get_nowait`, so the owner can
+        answer each of them.
+        """
+        self._send.close()
 
     async def get(self) -> T:
         """Wait for the next message; used by the actor that owns the mailbox."""

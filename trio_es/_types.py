@@ -175,12 +175,15 @@ class SystemStats:
     ``total_commands_processed`` counts accepted commands and commands the domain
     rejected (a :class:`~trio_es.DomainError` is a normal outcome). ``live_aggregates``
     (not in the seed) counts the aggregate tasks alive now, holding cached state: it
-    falls as idle aggregates stop.
+    falls as idle aggregates stop. ``failed_queries`` (not in the seed) names the queries
+    that kept raising and were stopped; commands go on without them.
     """
 
     query_actors_count: int
     total_commands_processed: int
     live_aggregates: int = 0
+    #: The queries that kept failing and were stopped (their mailbox names' labels).
+    failed_queries: tuple[str, ...] = attrs.field(default=(), kw_only=True)
 
 
 @final
