@@ -8,11 +8,15 @@ Creating and dropping a database each cost a checkpoint's worth of disk I/O, whi
 a busy machine is most of a short test's time. :class:`Databases` therefore creates a
 few databases ahead in worker threads and drops used ones in the background, so that
 tests rarely wait for either (concurrent drops also share checkpoints).
+
+:class:`FaultInjectingProxy` sits between a store and the server (on loopback only) and
+loses a connection at the worst moments of a commit, as a network fault would.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import secrets
 from collections import deque
@@ -22,6 +26,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import trio
 from psycopg import sql
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -128,3 +133,112 @@ class Databases:
         errors.extend(e for drop in self._drops if (e := drop.exception()) is not None)
         if errors:
             raise errors[0]
+
+
+#: The server's reply to a successful COMMIT: CommandComplete, length 11, tag "COMMIT".
+_COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"
+#: ReadyForQuery (length 5) in a failed transaction: the COMMIT was skipped after an error.
+_READY_FAILED = b"Z\x00\x00\x00\x05E"
+
+
+class FaultInjectingProxy:
+    """A TCP proxy to the test server that loses one connection around its next COMMIT.
+
+    Run :meth:`serve` in a nursery (``dsn = await nursery.start(proxy.serve)``) and open
+    the store on the DSN it returns. :meth:`drop_at_next_commit` arms one fault:
+
+    * ``landed=True``: the COMMIT reaches the server and commits, then the connection is
+      cut before the client hears the reply (a COMMIT the server skipped after an error
+      passes, and the fault waits for the next one);
+    * ``landed=False``: the connection is cut as the COMMIT is sent, before the server
+      gets it (the server rolls back when it notices).
+
+    With :attr:`refuse` set, new connections are closed at once: the server looks down.
+    :attr:`refuse_after_drop` sets it when the fault is injected, and cuts every other
+    connection too, as a network outage would.
+    SSL is switched off in the DSN so that the proxy can see the statements.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        self._dsn = dsn
+        self._host = str(params.get("host") or "127.0.0.1")
+        self._port = int(params.get("port") or 5432)
+        self._armed: bool | None = None
+        #: Close new connections at once (set it, e.g., right after a drop).
+        self.refuse = False
+        #: Set new connections to be refused as soon as a fault was injected.
+        self.refuse_after_drop = False
+        #: How many connections were cut.
+        self.drops = 0
+        self._connections: set[trio.CancelScope] = set()
+
+    def drop_at_next_commit(self, *, landed: bool) -> None:
+        """Cut the connection that sends the next COMMIT (after it ``landed`` or before)."""
+        self._armed = landed
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections on a free loopback port; report the DSN through ``started``."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(
+            psycopg.conninfo.make_conninfo(
+                self._dsn, host="127.0.0.1", port=str(port), sslmode="disable"
+            )
+        )
+        await trio.serve_listeners(self._handle, listeners)
+
+    def _dropped(self) -> None:
+        self.drops += 1
+        if self.refuse_after_drop:
+            self.refuse = True
+            for connection in self._connections:
+                connection.cancel()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refuse:
+            await client.aclose()
+            return
+        server = await trio.open_tcp_stream(self._host, self._port)
+        commit_sent = False
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def upstream() -> None:
+                nonlocal commit_sent
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    async for data in client:
+                        if self._armed is not None and b"COMMIT\x00" in data:
+                            landed, self._armed = self._armed, None
+                            if not landed:
+                                self._dropped()
+                                break
+                            commit_sent = True
+                        await server.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                nonlocal commit_sent
+                reply = b""
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    async for data in server:
+                        if commit_sent:
+                            # Hold the reply back; once it says COMMIT, cut the connection.
+                            reply += data
+                            if _COMMIT_COMPLETE in reply:
+                                self._dropped()
+                                break
+                            if _READY_FAILED in reply:
+                                commit_sent, self._armed = False, True
+                                await client.send_all(reply)
+                                reply = b""
+                            continue
+                        await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            self._connections.add(nursery.cancel_scope)
+            try:
+                nursery.start_soon(upstream)
+                nursery.start_soon(downstream)
+                await trio.sleep_forever()
+            finally:
+                self._connections.discard(nursery.cancel_scope)

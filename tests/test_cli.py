@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 def run_demo(*args: str, cwd: Path) -> str:
@@ -42,3 +47,39 @@ def test_demo_runs_in_memory(tmp_path: Path) -> None:
     out = run_demo("--memory", cwd=tmp_path)
     assert "balances read model: {'alice': 70, 'bob': 40}" in out
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("place", [[], ["--memory"]], ids=["sqlite", "memory"])
+def test_ctrl_c_stops_a_running_demo_quietly_with_status_130(
+    place: list[str], tmp_path: Path
+) -> None:
+    """SIGINT while the demo writes: it stops at once, exits 130, prints no traceback."""
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        # --loop (hidden) repeats the demo until interrupted, so the signal lands mid-work.
+        process = subprocess.Popen(
+            [sys.executable, "-W", "error", "-m", "trio_es", "demo", "--loop", *place],
+            cwd=tmp_path,
+            stdout=stdout,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            # Wait until one round is done, so that the next one is under way.
+            while out.read_text().count("balances read model") < 2:
+                assert process.poll() is None, err.read_text()
+                assert time.monotonic() < deadline, "the demo did not get going"
+                time.sleep(0.02)
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "Traceback" not in err.read_text()
+    assert err.read_text() == ""
+    assert returncode == 130
+    if not place:
+        # The interrupted file is intact: the next run opens it and goes on.
+        assert "alice exists from an earlier run" in run_demo(cwd=tmp_path)

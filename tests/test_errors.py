@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+import trio_es
 from trio_es import (
     ActorTimeout,
     AggregateCrashed,
+    CommitOutcomeUnknown,
     ConcurrencyConflict,
     DomainError,
     EntityNotFound,
@@ -14,6 +18,8 @@ from trio_es import (
     EventStoreError,
     MailboxFull,
     NonPositiveArgument,
+    SupervisorGaveUp,
+    SystemStopped,
     TransactionFailed,
     TransactionRolledBack,
     describe_error,
@@ -41,7 +47,6 @@ def test_every_error_is_an_event_sourcing_error() -> None:
     for error in errors:
         assert isinstance(error, EventSourcingError)
         assert str(error)
-        assert describe_error(error) == str(error)
 
 
 def test_seed_errors_without_fields_construct_with_no_arguments() -> None:
@@ -98,3 +103,146 @@ def test_non_positive_argument_is_a_value_error() -> None:
 def test_describe_error_handles_foreign_exceptions() -> None:
     """describe_error works on any exception, naming its type."""
     assert describe_error(KeyError("k")) == "KeyError: 'k'"
+
+
+def crashed_with(cause: BaseException) -> AggregateCrashed:
+    error = AggregateCrashed(aggregate_id="acc-1", restarts=3)
+    error.__cause__ = cause
+    return error
+
+
+class Unprintable(Exception):
+    """An exception whose ``str()`` itself fails."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+#: At least one instance of every error class trio_es exports, with and without context,
+#: plus foreign exceptions; multi-line texts check that descriptions stay on one line.
+SAMPLES: list[BaseException] = [
+    ActorTimeout("receive", 250),
+    AggregateCrashed(aggregate_id="acc-1", restarts=3),
+    crashed_with(RuntimeError("bug in handle\nsecond line")),
+    CommitOutcomeUnknown("the connection was lost after COMMIT"),
+    CommitOutcomeUnknown("the connection was lost after COMMIT", aggregate_id="acc-1"),
+    ConcurrencyConflict(aggregate_id="acc-1", expected_sequence=3, actual_sequence=5),
+    DomainError("x"),
+    DomainError(),
+    DomainError({"code": 7}),
+    Overdrawn(),
+    Overdrawn(500),
+    EntityNotFound(),
+    EntityNotFound(aggregate_id="acc-1"),
+    EventSourcingError(),
+    EventSourcingError("something went wrong"),
+    EventStoreError("disk full"),
+    EventStoreError("line one\nline two", aggregate_id="acc-1"),
+    EventStoreError(""),
+    MailboxFull(mailbox="orders", capacity=3),
+    NonPositiveArgument(),
+    NonPositiveArgument(name="start_from", value=-1, requirement="an int >= 0"),
+    SupervisorGaveUp("root", 3, 5.0, "worker"),
+    SupervisorGaveUp("root", 0, 5.0),
+    SystemStopped("execute"),
+    TransactionFailed(),
+    TransactionFailed("database is locked", aggregate_id="acc-1"),
+    TransactionRolledBack(),
+    TransactionRolledBack("deadlock"),
+    KeyError("k"),
+    ValueError(),
+    RuntimeError("first line\r\n  second line\n"),
+    Unprintable(),
+    ExceptionGroup("two failures", [ValueError("a"), KeyError("b")]),
+    KeyboardInterrupt(),
+]
+
+
+def kind_words(error: BaseException) -> str:
+    """``TransactionFailed`` -> ``transaction failed``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", type(error).__name__).lower()
+
+
+def test_the_samples_cover_every_exported_error_class() -> None:
+    """Every error class trio_es exports has a sample in the describe_error test."""
+    exported = {
+        value
+        for value in vars(trio_es).values()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert exported
+    assert exported <= {type(error) for error in SAMPLES}
+
+
+@pytest.mark.parametrize("error", SAMPLES, ids=lambda error: f"{type(error).__name__}")
+def test_describe_error_is_one_line_type_colon_message(error: BaseException) -> None:
+    """describe_error gives one line, 'Type: message', for every error, never an empty message."""
+    text = describe_error(error)
+    assert text.splitlines() == [text], "more than one line"
+    kind, colon, message = text.partition(": ")
+    assert (kind, colon) == (type(error).__name__, ": ")
+    assert message.strip() == message
+    assert message
+    # The message does not say the type again ("TransactionFailed: transaction failed: x").
+    assert not message.lower().startswith(f"{kind_words(error)}:")
+    assert not message.startswith(f"{type(error).__name__}:")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            TransactionFailed("busy", aggregate_id="acc-1"),
+            "TransactionFailed: busy (aggregate 'acc-1')",
+        ),
+        (TransactionFailed(), "TransactionFailed: the transaction failed"),
+        (EventStoreError("disk full"), "EventStoreError: disk full"),
+        (Overdrawn(500), "Overdrawn: 500"),
+        (Overdrawn(), "Overdrawn: the command was rejected"),
+        (DomainError({"code": 7}), "DomainError: {'code': 7}"),
+        (EntityNotFound(aggregate_id="acc-1"), "EntityNotFound: aggregate 'acc-1' has no events"),
+        (ActorTimeout("receive", 250), "ActorTimeout: no reply during receive within 250 ms"),
+        (
+            ConcurrencyConflict(aggregate_id="a", expected_sequence=3, actual_sequence=5),
+            "ConcurrencyConflict: expected stored sequence 3, found 5 (aggregate 'a')",
+        ),
+        (ValueError(), "ValueError: (no message)"),
+        (RuntimeError("first line\n  second line"), "RuntimeError: first line second line"),
+        (Unprintable(), "Unprintable: (str() failed)"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else "",
+)
+def test_describe_error_examples(error: BaseException, expected: str) -> None:
+    """describe_error's exact text for typical errors, trio_es's and foreign ones."""
+    assert describe_error(error) == expected
+
+
+def test_describe_error_keeps_a_domain_error_override() -> None:
+    """An error's own describe() is used, kept on one line."""
+
+    class Custom(DomainError):
+        def describe(self) -> str:
+            return "Custom: over\ntwo lines"
+
+    assert describe_error(Custom()) == "Custom: over two lines"
+
+
+def test_describe_error_survives_a_broken_describe_or_repr() -> None:
+    """A describe() or a domain value's repr() that raises still gives 'Type: message'."""
+
+    class Broken(DomainError):
+        def describe(self) -> str:
+            raise RuntimeError("bug in describe")
+
+    class Unrepresentable:
+        def __repr__(self) -> str:
+            raise RuntimeError("bug in repr")
+
+    assert describe_error(Broken(5)).startswith("Broken: ")  # the generic form, from str()
+    assert describe_error(DomainError(Unrepresentable())) == "DomainError: (repr() failed)"
+
+
+def test_a_bare_domain_error_does_not_repeat_itself() -> None:
+    """str(DomainError()) says 'domain error' once."""
+    assert str(DomainError()) == "domain error"
+    assert str(Overdrawn()) == "domain error: Overdrawn"

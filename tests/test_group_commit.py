@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import attrs
@@ -12,7 +13,13 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_es import TransactionFailed
+from trio_es import (
+    CommitOutcomeUnknown,
+    ConcurrencyConflict,
+    DomainError,
+    EventStoreError,
+    TransactionFailed,
+)
 from trio_es._group_commit import GroupCommit
 
 COMMIT_SECONDS = 0.01
@@ -25,7 +32,10 @@ class FakeDatabase:
     committed: list[str] = attrs.Factory(list)
     batches: list[list[str]] = attrs.Factory(list)
     refuse: set[str] = attrs.Factory(set)
-    fail_next_batch: bool = False
+    #: Raised instead of committing the next batch: nothing of it is written.
+    fail_next_batch: Exception | None = None
+    #: Raised after committing the next batch, as a Ctrl-C arriving then would be.
+    interrupt_next_batch: BaseException | None = None
     in_flight: int = 0
 
     async def commit_batch(self, plans: list[str]) -> list[outcome.Outcome[None]]:
@@ -33,10 +43,11 @@ class FakeDatabase:
         assert self.in_flight == 1, "commit_batch must never run twice at once"
         try:
             self.batches.append(list(plans))
-            fail, self.fail_next_batch = self.fail_next_batch, False
+            fail, self.fail_next_batch = self.fail_next_batch, None
+            interrupt, self.interrupt_next_batch = self.interrupt_next_batch, None
             await trio.sleep(COMMIT_SECONDS)
-            if fail:
-                raise TransactionFailed("disk busy")
+            if fail is not None:
+                raise fail
             results: list[outcome.Outcome[None]] = []
             for plan in plans:
                 if plan in self.refuse:
@@ -44,6 +55,8 @@ class FakeDatabase:
                 else:
                     self.committed.append(plan)
                     results.append(outcome.Value(None))
+            if interrupt is not None:
+                raise interrupt
             return results
         finally:
             self.in_flight -= 1
@@ -136,12 +149,188 @@ async def test_a_failed_batch_fails_its_callers_and_the_next_batch_proceeds(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(commit, "first")
         await trio.testing.wait_all_tasks_blocked()
-        db.fail_next_batch = True  # the batch of "first" has started: this hits the next
+        # The batch of "first" has started: this failure hits the next one.
+        db.fail_next_batch = TransactionFailed("disk busy")
         for plan in ["a", "b"]:
             nursery.start_soon(commit, plan)
     assert sorted(failed) == ["a", "b"]
     await commits.commit("after")
     assert db.committed == ["first", "after"]
+
+
+async def fail_a_batch_of_four(
+    db: FakeDatabase, commits: GroupCommit[str], error: BaseException, caught: type[BaseException]
+) -> tuple[dict[str, BaseException], str]:
+    """Commit "first", fail the batch a, b, c, d with ``error``: what each got, and the leader."""
+    errors: dict[str, BaseException] = {}
+
+    async def commit(plan: str) -> None:
+        try:
+            await commits.commit(plan)
+        except caught as failure:
+            errors[plan] = failure
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        if isinstance(error, Exception):
+            db.fail_next_batch = error
+        else:
+            db.interrupt_next_batch = error
+        for plan in ["a", "b", "c", "d"]:
+            nursery.start_soon(commit, plan)
+    assert sorted(db.batches[1]) == ["a", "b", "c", "d"]
+    return errors, db.batches[1][0]
+
+
+def noted(error: Exception, note: str) -> Exception:
+    error.add_note(note)
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransactionFailed("disk busy", aggregate_id="acc-1"),
+        ConcurrencyConflict(aggregate_id="acc-1", expected_sequence=1, actual_sequence=2),
+        CommitOutcomeUnknown("the connection was lost after COMMIT", aggregate_id="acc-1"),
+        EventStoreError("disk full"),
+        RuntimeError("a bug in the store"),
+        noted(KeyError("row 7"), "while committing"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_every_caller_of_a_failed_batch_gets_the_error_as_itself(
+    error: Exception, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each caller of a failed batch gets its own instance of the error: same type, text, fields."""
+    db = FakeDatabase()
+    errors, leader = await fail_a_batch_of_four(db, group(db), error, Exception)
+    assert sorted(errors) == ["a", "b", "c", "d"]
+    assert [type(got) for got in errors.values()] == [type(error)] * 4
+    assert len({id(got) for got in errors.values()}) == 4, "callers share one exception instance"
+    assert errors.pop(leader) is error  # the leader raises the batch's own error
+    for got in errors.values():
+        assert str(got) == str(error)
+        assert vars(got) == vars(error)
+        assert got.__cause__ is error
+    assert db.committed == ["first"]
+
+
+class Refused(DomainError):
+    """A domain error without a value: its ``.error`` is itself."""
+
+
+async def test_a_copied_error_that_refers_to_itself_refers_to_the_copy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A copy's attribute that held the original (a bare DomainError's .error) holds the copy."""
+    error = Refused()
+    db = FakeDatabase()
+    errors, leader = await fail_a_batch_of_four(db, group(db), error, Refused)
+    assert errors.pop(leader) is error
+    for got in errors.values():
+        assert isinstance(got, Refused)
+        assert got.error is got
+        assert str(got) == str(error)
+
+
+async def test_an_error_that_cannot_be_copied_faithfully_reaches_every_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An error whose state is not all in args and attributes is given as itself to every caller."""
+    error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    db = FakeDatabase()
+    errors, _ = await fail_a_batch_of_four(db, group(db), error, Exception)
+    assert sorted(errors) == ["a", "b", "c", "d"]
+    assert all(got is error for got in errors.values())
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+async def test_an_interrupted_batch_answers_the_others_with_commit_outcome_unknown(
+    interrupt: type[BaseException], autojump_clock: trio.testing.MockClock
+) -> None:
+    """An interrupt in the leader may come after the commit: the others get CommitOutcomeUnknown."""
+    db = FakeDatabase()
+    commits = group(db)
+    errors, leader = await fail_a_batch_of_four(db, commits, interrupt(), BaseException)
+    assert isinstance(errors.pop(leader), interrupt)
+    assert len(errors) == 3
+    assert len({id(got) for got in errors.values()}) == 3
+    for got in errors.values():
+        assert type(got) is CommitOutcomeUnknown
+        assert not isinstance(got, TransactionFailed)  # never retried
+        assert interrupt.__name__ in str(got)
+    assert sorted(db.committed) == ["a", "b", "c", "d", "first"]  # it had landed
+    await commits.commit("after")
+    assert db.committed[-1] == "after"
+
+
+def test_a_caller_interrupted_while_queued_withdraws_and_passes_the_lead() -> None:
+    """Ctrl-C in a caller waiting at the head of the queue withdraws it; the next one leads."""
+    db = FakeDatabase()
+    commits = group(db)
+    interrupted: list[str] = []
+
+    async def main() -> None:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commits.commit, "first")
+                await trio.testing.wait_all_tasks_blocked()
+
+                async def interrupt_the_main_task() -> None:
+                    await trio.testing.wait_all_tasks_blocked()  # "doomed" heads the queue
+                    nursery.start_soon(commits.commit, "next")
+                    await trio.testing.wait_all_tasks_blocked()
+                    signal.raise_signal(signal.SIGINT)  # delivered to the main task's wait
+
+                nursery.start_soon(interrupt_the_main_task)
+                try:
+                    await commits.commit("doomed")
+                except KeyboardInterrupt:
+                    interrupted.append("doomed")
+
+    trio.run(main, restrict_keyboard_interrupt_to_checkpoints=True)
+    assert interrupted == ["doomed"]
+    assert db.committed == ["first", "next"]
+    assert not commits._busy
+    assert not commits._queue
+
+
+async def test_group_commit_runs_protected_from_keyboard_interrupt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Ctrl-C cannot land between two lines of the bookkeeping, only at a checkpoint."""
+    protected: list[bool] = []
+
+    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        await trio.sleep(COMMIT_SECONDS)
+        return [outcome.Value(None) for _ in plans]
+
+    commits: GroupCommit[str] = GroupCommit(commit_batch)
+    async with trio.open_nursery() as nursery:
+        for plan in ["a", "b", "c"]:
+            nursery.start_soon(commits.commit, plan)
+    assert protected
+    assert all(protected)
+    assert not trio.lowlevel.currently_ki_protected()
+
+
+async def test_a_lone_leader_cancelled_mid_commit_fails_only_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch of one is not shielded: its caller's cancellation stops it; later callers go on."""
+    db = FakeDatabase()
+    commits = group(db)
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + COMMIT_SECONDS / 2
+            nursery.start_soon(commits.commit, "queued")  # arrives while "lone" commits
+            await commits.commit("lone")
+        assert scope.cancelled_caught
+    assert db.batches == [["lone"], ["queued"]]
+    assert db.committed == ["queued"]
 
 
 async def test_a_caller_cancelled_before_its_batch_is_withdrawn(

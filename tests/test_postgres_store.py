@@ -6,10 +6,13 @@ reachable server the tests skip, except with CI=true, where they fail.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,18 @@ import outcome
 import psycopg
 import pytest
 import trio
+import trio.testing
 from psycopg import sql
 
 import trio_es._postgres_store as pg_module
-from trio_es import Aggregate, ConcurrencyConflict, EventStoreError, TransactionFailed
+from trio_es import (
+    Aggregate,
+    CommitOutcomeUnknown,
+    ConcurrencyConflict,
+    EventStoreError,
+    TransactionFailed,
+)
+from trio_es._sql import EventRow
 from trio_es._types import Snapshot, utc_now
 from trio_es.postgres_store import PostgresStore
 from trio_es.testing import (
@@ -167,7 +178,7 @@ async def test_open_creates_the_schema_once(postgres_dsn: str, raw: Any) -> None
     async with _open(postgres_dsn) as store:
         assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
     assert raw.execute("SELECT * FROM trio_es_schema_version").fetchall() == [
-        ("events", "snapshots", 1)
+        ("events", "snapshots", 2)
     ]
     types = dict(
         raw.execute(
@@ -177,6 +188,7 @@ async def test_open_creates_the_schema_once(postgres_dsn: str, raw: Any) -> None
     )
     assert types["payload"] == types["metadata"] == "jsonb"
     assert types["recorded_at"] == "timestamp with time zone"
+    assert types["event_id"] == "uuid"
 
 
 async def test_many_processes_opening_a_new_database_at_once(postgres_dsn: str, raw: Any) -> None:
@@ -260,10 +272,60 @@ async def test_newer_schema_version_is_refused(postgres_dsn: str, raw: Any) -> N
     """Tables marked with a newer schema version are refused, naming the versions."""
     async with _open(postgres_dsn):
         pass
-    raw.execute("UPDATE trio_es_schema_version SET version = 2")
-    with pytest.raises(EventStoreError, match="schema version 2"):
+    raw.execute("UPDATE trio_es_schema_version SET version = 3")
+    with pytest.raises(EventStoreError, match="schema version 3"):
         async with _open(postgres_dsn):
             pass  # pragma: no cover
+
+
+_V1_DDL = (
+    "CREATE TABLE trio_es_schema_version (events_table TEXT PRIMARY KEY, "
+    "snapshots_table TEXT NOT NULL, version BIGINT NOT NULL)",
+    "INSERT INTO trio_es_schema_version VALUES ('events', 'snapshots', 1)",
+    "CREATE TABLE events (global_position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+    "aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
+    "sequence BIGINT NOT NULL CHECK (sequence > 0), event_type TEXT NOT NULL, "
+    "event_version BIGINT NOT NULL, payload JSONB NOT NULL, metadata JSONB NOT NULL, "
+    "recorded_at TIMESTAMPTZ NOT NULL, UNIQUE (aggregate_type, aggregate_id, sequence))",
+    "CREATE INDEX events_type_position ON events (aggregate_type, global_position)",
+    "CREATE TABLE snapshots (aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
+    "sequence BIGINT NOT NULL, entity_type TEXT NOT NULL, entity_version BIGINT NOT NULL, "
+    "payload JSONB NOT NULL, recorded_at TIMESTAMPTZ NOT NULL, "
+    "PRIMARY KEY (aggregate_type, aggregate_id))",
+)
+
+
+async def test_version_1_tables_are_migrated_on_open(postgres_dsn: str, raw: Any) -> None:
+    """A version-1 database gains event ids (fresh, unique, NOT NULL) and says version 2."""
+    for ddl in _V1_DDL:
+        raw.execute(ddl)
+    for aggregate_id, sequence, amount in [("acc", 1, 1), ("other", 1, 9), ("acc", 2, 2)]:
+        raw.execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
+            "event_version, payload, metadata, recorded_at) VALUES ('default', %s, %s, "
+            "'conformance.Added', 1, %s, '[]', now())",
+            (aggregate_id, sequence, f'{{"amount": {amount}}}'),
+        )
+    async with _open(postgres_dsn) as store:
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
+        assert [s.global_position for s in await store.read_all(0, 10)] == [1, 2, 3]
+        assert await _commit(store, "acc", 2, [Added(3)]) == 3
+    ids = [row[0] for row in raw.execute("SELECT event_id FROM events ORDER BY 1")]
+    assert len(ids) == len(set(ids)) == 4
+    assert all(isinstance(event_id, uuid.UUID) for event_id in ids)
+    assert raw.execute("SELECT version FROM trio_es_schema_version").fetchall() == [(2,)]
+    assert raw.execute(
+        "SELECT is_nullable, column_default FROM information_schema.columns "
+        "WHERE table_name = 'events' AND column_name = 'event_id'"
+    ).fetchall() == [("NO", None)]
+    [(definition,)] = raw.execute(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'events_event_id'"
+    ).fetchall()
+    assert "UNIQUE" in definition
+    # Reopening a migrated database changes nothing.
+    async with _open(postgres_dsn) as store:
+        assert len(await store.read_all(0, 10)) == 4
+    assert [row[0] for row in raw.execute("SELECT event_id FROM events ORDER BY 1")] == ids
 
 
 async def test_closed_store_and_finished_transactions_are_refused(postgres_dsn: str) -> None:
@@ -444,8 +506,9 @@ async def test_unique_key_backs_the_check(postgres_dsn: str, raw: Any, blocker: 
             await _wait_until_blocked(raw)
             raw.execute(
                 "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
-                "event_version, payload, metadata, recorded_at) VALUES ('default', 'acc', 2, "
-                """'conformance.Added', 1, '{"amount": 99}', '[]', now())"""
+                "event_version, payload, metadata, recorded_at, event_id) VALUES ('default', "
+                """'acc', 2, 'conformance.Added', 1, '{"amount": 99}', '[]', now(), """
+                "gen_random_uuid())"
             )
             blocker.execute("COMMIT")
         with pytest.raises(ConcurrencyConflict) as info:
@@ -604,28 +667,184 @@ async def test_lost_database_is_a_retryable_failure(postgres_server: str) -> Non
                 await _commit(store, "acc", 1, [Added(2)])
 
 
-async def test_commit_whose_outcome_is_unknown_is_not_retryable(
-    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch, raw: Any
+@asynccontextmanager
+async def _through_proxy(dsn: str) -> AsyncIterator[tuple[_pg.FaultInjectingProxy, str]]:
+    """A fault-injecting proxy to the test database, and the DSN that goes through it."""
+    proxy = _pg.FaultInjectingProxy(dsn)
+    async with trio.open_nursery() as nursery:
+        proxied: str = await nursery.start(proxy.serve)
+        yield proxy, proxied
+        nursery.cancel_scope.cancel()
+
+
+def _event_count(raw: psycopg.Connection[tuple[Any, ...]]) -> int:
+    row = raw.execute("SELECT count(*) FROM events").fetchone()
+    return -1 if row is None else int(row[0])
+
+
+async def test_commit_that_landed_before_the_connection_broke_is_reported_committed(
+    postgres_dsn: str, raw: Any
 ) -> None:
-    """A connection lost after COMMIT was sent gives a non-retryable EventStoreError."""
-    real_commit = pg_module._commit
+    """COMMIT done, reply lost with the connection: the store finds it landed and says OK."""
+    async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        proxy.drop_at_next_commit(landed=True)
+        assert await _commit(store, "acc", 1, [Added(2)]) == 2
+        assert proxy.drops == 1
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
+        assert await _commit(store, "acc", 2, [Added(3)]) == 3
+    assert _event_count(raw) == 3
 
-    def fake_commit_losing_the_reply(connection: Any, call: Any, plan: Any) -> None:
-        # Fault injection: the commit happens, then the connection dies before the
-        # client hears about it, as when the network drops at the wrong moment.
-        real_commit(connection, call, plan)
-        connection.pgconn.finish()
-        raise pg_module._CommitOutcomeUnknown("server closed the connection unexpectedly")
 
-    async with _open(postgres_dsn, pool_size=1) as store:
-        monkeypatch.setattr(pg_module, "_commit", fake_commit_losing_the_reply)
-        with pytest.raises(EventStoreError, match="may or may not have happened") as info:
-            await _commit(store, "acc", 0, [Added(1)])
-        assert not isinstance(info.value, TransactionFailed)
-        monkeypatch.setattr(pg_module, "_commit", real_commit)
-        # It did happen; the broken connection was replaced.
+async def test_commit_lost_before_it_reached_the_server_is_a_retryable_failure(
+    postgres_dsn: str, raw: Any
+) -> None:
+    """Connection cut as COMMIT is sent: the store finds nothing landed, TransactionFailed."""
+    async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        proxy.drop_at_next_commit(landed=False)
+        with pytest.raises(TransactionFailed, match="nothing was committed") as info:
+            await _commit(store, "acc", 1, [Added(2)])
+        assert not isinstance(info.value, ConcurrencyConflict)
+        assert info.value.aggregate_id == "acc"
+        assert proxy.drops == 1
         assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
-        assert len(_store_backends(raw)) == 1
+        assert await _commit(store, "acc", 1, [Added(3)]) == 2
+    assert _event_count(raw) == 2
+
+
+async def test_lost_commit_with_the_server_unreachable_is_outcome_unknown(
+    postgres_dsn: str, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT lost and no new connection possible: CommitOutcomeUnknown naming the aggregate."""
+    monkeypatch.setattr(pg_module, "_RESOLVE_SECONDS", 1.0)
+    async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=2) as store:
+        async with trio.open_nursery() as nursery:  # open both pooled connections
+            nursery.start_soon(_load, store, "acc")
+            nursery.start_soon(_load, store, "other")
+        proxy.drop_at_next_commit(landed=True)
+        proxy.refuse_after_drop = True
+
+        async def commit_two() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("acc", Counter(), 0), [Added(1)], ())
+                await store.commit_events(tx, Aggregate("b", Counter(), 0), [Added(2)], ())
+
+        started = trio.current_time()
+        with pytest.raises(CommitOutcomeUnknown, match="could not find out") as info:
+            await commit_two()
+        assert trio.current_time() - started < 5
+        assert info.value.aggregate_id == "acc"
+        assert "'acc', 'b'" in str(info.value)
+        proxy.refuse = False
+        # It had landed; once the server is reachable again, the store sees it.
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+    assert _event_count(raw) == 2
+
+
+async def test_lost_commit_in_a_batch_answers_every_plan(
+    postgres_dsn: str, raw: Any, blocker: Any
+) -> None:
+    """A lost COMMIT of a group-committed batch: each caller gets the batch's real outcome."""
+    async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
+        await _commit(store, "acc-0", 0, [Added(0)])
+        results: dict[str, outcome.Outcome[int]] = {}
+
+        async def commit(aggregate_id: str, sequence: int) -> None:
+            results[aggregate_id] = await outcome.acapture(
+                _commit, store, aggregate_id, sequence, [Added(1)]
+            )
+
+        for landed in (True, False):
+            results.clear()
+            before = _event_count(raw)
+            proxy.drop_at_next_commit(landed=landed)
+            # A stale commit waits for the table while the others queue behind it, so
+            # that they are committed as one batch.
+            blocker.execute("BEGIN")
+            blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commit, "acc-0", 0)
+                await _wait_until_blocked(raw)
+                for number in range(1, 8):
+                    nursery.start_soon(commit, f"acc-{number}", 0 if landed else 1)
+                await trio.testing.wait_all_tasks_blocked()
+                blocker.execute("ROLLBACK")
+            with pytest.raises(ConcurrencyConflict):
+                results.pop("acc-0").unwrap()
+            if landed:
+                assert [result.unwrap() for result in results.values()] == [1] * 7
+                assert _event_count(raw) == before + 7
+            else:
+                for result in results.values():
+                    with pytest.raises(TransactionFailed, match="nothing was committed"):
+                        result.unwrap()
+                assert _event_count(raw) == before
+        assert proxy.drops == 2
+
+
+async def test_lost_commit_while_a_refused_batch_is_split_is_resolved_per_plan(
+    postgres_dsn: str, raw: Any, blocker: Any
+) -> None:
+    """A batch split by a refused row, then a lost COMMIT: each plan gets its true outcome."""
+    too_long = secrets.token_hex(5000)
+    results: dict[str, outcome.Outcome[int]] = {}
+
+    async def commit(aggregate_id: str, sequence: int) -> None:
+        results[aggregate_id] = await outcome.acapture(
+            _commit, store, aggregate_id, sequence, [Added(1)]
+        )
+
+    async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
+        await _commit(store, "acc-0", 0, [Added(0)])
+        proxy.drop_at_next_commit(landed=True)
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit, "acc-0", 0)
+            await _wait_until_blocked(raw)
+            for aggregate_id in (too_long, "a", "b", "c"):
+                nursery.start_soon(commit, aggregate_id, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            blocker.execute("ROLLBACK")
+        assert proxy.drops == 1
+        stored = {
+            s.envelope.aggregate_id: s.envelope.sequence for s in await store.read_all(0, 100)
+        }
+    with pytest.raises(ConcurrencyConflict):
+        results.pop("acc-0").unwrap()
+    # Each answer is true: OK means stored once; TransactionFailed (not sent after the
+    # lost COMMIT) and the long id's EventStoreError mean not stored.
+    answered = {
+        aggregate_id[:8]: (
+            stored.get(aggregate_id) == 1
+            if isinstance(result, outcome.Value)
+            else isinstance(result.error, TransactionFailed | EventStoreError)
+            and aggregate_id not in stored
+        )
+        for aggregate_id, result in results.items()
+    }
+    assert answered == {"a": True, "b": True, "c": True, too_long[:8]: True}
+    assert any(isinstance(result, outcome.Value) for result in results.values())
+    assert isinstance(results[too_long], outcome.Error)
+    assert too_long not in stored
+
+
+async def test_stored_event_ids_make_a_resent_plan_committed(postgres_dsn: str, raw: Any) -> None:
+    """A plan whose event ids are stored already is reported committed and stores nothing."""
+    async with _open(postgres_dsn) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        row = raw.execute("SELECT event_id FROM events").fetchone()
+        assert row is not None
+        assert isinstance(row[0], uuid.UUID)
+        again = EventRow("acc", 2, "conformance.Added", 1, '{"amount": 2}', "[]", row[0])
+        plan = pg_module._Commit(
+            store._statements, "default", store._lock_key, {"acc": 1}, [again], []
+        )
+        [result] = await store._commit_batch([plan])
+        assert result.unwrap() is None
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+    assert _event_count(raw) == 1
 
 
 # -- the runtime on top --
@@ -699,3 +918,82 @@ async def test_killed_writers_lose_no_acknowledged_command(
         assert len(transfers) >= len(done) > 0
     # The killed clients' sessions are gone: no transaction was left open on the server.
     await _poll(lambda: _store_backends(raw) == [])
+
+
+# -- lost connections: every commit stored at most once, acknowledged ones exactly once --
+
+
+async def test_killed_backends_never_store_a_commit_twice(postgres_dsn: str, raw: Any) -> None:
+    """Backends killed while 24 writers commit: OK once, failed never, unknown at most once."""
+    writers, aggregates, seconds = 24, 6, 6.0
+    outcomes: dict[str, str] = {}
+    kills = 0
+    rng = random.Random(8)
+
+    async with _open(postgres_dsn, pool_size=4) as store:
+
+        async def writer(number: int, deadline: float) -> None:
+            aggregate_id = f"acc-{number % aggregates}"
+            attempt = 0
+            while trio.current_time() < deadline:
+                tag = f"{number}-{attempt}"
+                attempt += 1
+                try:
+                    async with store.transaction() as tx:
+                        stored = await store.load_events(tx, aggregate_id, 0)
+                        await store.commit_events(
+                            tx,
+                            Aggregate(aggregate_id, Counter(), len(stored)),
+                            [Added(number)],
+                            (("tag", tag),),
+                        )
+                except CommitOutcomeUnknown:
+                    outcomes[tag] = "unknown"
+                except TransactionFailed:
+                    outcomes[tag] = "failed"
+                except EventStoreError:
+                    outcomes[tag] = "error"
+                except outcome.AlreadyUsedError:
+                    # Group commit used to hand one batch's error object to every caller
+                    # (issue 8, defect 6): the caller learns nothing, like "unknown".
+                    outcomes[tag] = "other"
+                else:
+                    outcomes[tag] = "ok"
+
+        async def killer(deadline: float) -> None:
+            nonlocal kills
+            while trio.current_time() < deadline:
+                await trio.sleep(rng.uniform(0.005, 0.04))
+                killed = raw.execute(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                    "pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'trio_es' AND pid <> pg_backend_pid()) AS k"
+                ).fetchone()
+                kills += 0 if killed is None else int(killed[0])
+
+        deadline = trio.current_time() + seconds
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer, deadline)
+            for number in range(writers):
+                nursery.start_soon(writer, number, deadline)
+        stored_events = await _ledger.read_everything(store)
+
+    tags = collections.Counter(dict(s.envelope.metadata)["tag"] for s in stored_events)
+    results = collections.Counter(outcomes.values())
+    assert kills > 20, kills
+    assert results["ok"] > 50, results
+    # What each outcome allows: acknowledged once, failed before commit never, unknown
+    # (or an answer that says nothing, "other") at most once.
+    allowed = {"ok": {1}, "failed": {0}, "error": {0}, "unknown": {0, 1}, "other": {0, 1}}
+    violations = collections.Counter(
+        f"{result} stored {tags[tag]}x"
+        for tag, result in outcomes.items()
+        if tags[tag] not in allowed[result]
+    )
+    violations.update("phantom" for tag in tags if tag not in outcomes)
+    assert violations == {}, (violations, results)
+    by_aggregate: dict[str, list[int]] = collections.defaultdict(list)
+    for s in stored_events:
+        by_aggregate[s.envelope.aggregate_id].append(s.envelope.sequence)
+    for sequences in by_aggregate.values():
+        assert sequences == list(range(1, len(sequences) + 1))

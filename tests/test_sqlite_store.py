@@ -11,7 +11,9 @@ import math
 import os
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,13 @@ import attrs
 import pytest
 import trio
 
-from trio_es import Aggregate, ConcurrencyConflict, EventStoreError, TransactionFailed
+from trio_es import (
+    Aggregate,
+    CommitOutcomeUnknown,
+    ConcurrencyConflict,
+    EventStoreError,
+    TransactionFailed,
+)
 from trio_es import _sqlite_store as _sqlite
 from trio_es._sql import EventRow
 from trio_es._sqlite_store import _Commit
@@ -90,7 +98,7 @@ def raw_connections() -> Iterator[list[sqlite3.Connection]]:
 
 
 async def test_open_creates_schema_once_and_reopens(tmp_path: Path) -> None:
-    """Opening creates the tables in WAL mode with schema version 1; reopening keeps the data."""
+    """Opening creates the tables in WAL mode with schema version 2; reopening keeps the data."""
     path = tmp_path / "store.db"
     async with _open(path) as store:
         await _commit(store, "acc", 0, [Added(1)])
@@ -99,7 +107,7 @@ async def test_open_creates_schema_once_and_reopens(tmp_path: Path) -> None:
     with _raw(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert raw.execute("SELECT * FROM trio_es_schema_version").fetchall() == [
-            ("events", "snapshots", 1)
+            ("events", "snapshots", 2)
         ]
     raw.close()
 
@@ -177,9 +185,9 @@ async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     async with _open(path):
         pass
     with _raw(path) as raw:
-        raw.execute("UPDATE trio_es_schema_version SET version = 2")
+        raw.execute("UPDATE trio_es_schema_version SET version = 3")
     raw.close()
-    with pytest.raises(EventStoreError, match="schema version 2"):
+    with pytest.raises(EventStoreError, match="schema version 3"):
         async with _open(path):
             pass  # pragma: no cover
 
@@ -382,7 +390,7 @@ async def test_unique_violation_becomes_a_concurrency_conflict(tmp_path: Path) -
         await _commit(store, "acc", 0, [Added(1)])
         # A plan whose check passes but whose row collides: what a writer bypassing the
         # check would cause. The store still reports a lost race, never a raw IntegrityError.
-        row = EventRow("acc", 1, "conformance.Added", 1, '{"amount":2}', "[]")
+        row = EventRow("acc", 1, "conformance.Added", 1, '{"amount":2}', "[]", uuid.uuid4())
         plan = _Commit(store._statements, "default", {"acc": 1}, [row], [], 100)
         with pytest.raises(ConcurrencyConflict) as info:
             await store._run(store._writer, functools.partial(_sqlite._commit, plan=plan), "test")
@@ -514,3 +522,235 @@ async def test_killed_writers_lose_no_acknowledged_command(tmp_path: Path, mode:
             stored, logs, _ledger.ACCOUNTS, seed_prefix="seed"
         )
         assert len(transfers) >= len(done) > 0
+
+
+# -- event ids and the version-1 layout --
+
+_V1_DDL = (
+    "CREATE TABLE events (global_position INTEGER PRIMARY KEY, aggregate_type TEXT NOT NULL, "
+    "aggregate_id TEXT NOT NULL, sequence INTEGER NOT NULL CHECK (sequence > 0), "
+    "event_type TEXT NOT NULL, event_version INTEGER NOT NULL, payload TEXT NOT NULL, "
+    "metadata TEXT NOT NULL, recorded_at TEXT NOT NULL, "
+    "UNIQUE (aggregate_type, aggregate_id, sequence))",
+    "CREATE INDEX events_type_position ON events (aggregate_type, global_position)",
+    "CREATE TABLE snapshots (aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
+    "sequence INTEGER NOT NULL, entity_type TEXT NOT NULL, entity_version INTEGER NOT NULL, "
+    "payload TEXT NOT NULL, recorded_at TEXT NOT NULL, "
+    "PRIMARY KEY (aggregate_type, aggregate_id))",
+    "CREATE TABLE trio_es_schema_version (events_table TEXT PRIMARY KEY, "
+    "snapshots_table TEXT NOT NULL, version INTEGER NOT NULL)",
+    "INSERT INTO trio_es_schema_version VALUES ('events', 'snapshots', 1)",
+)
+
+
+def _event_ids(path: Path) -> list[str]:
+    with _raw(path) as raw:
+        ids = [row[0] for row in raw.execute("SELECT event_id FROM events ORDER BY 1")]
+    raw.close()
+    return ids
+
+
+async def test_every_event_gets_a_unique_id(tmp_path: Path) -> None:
+    """Each stored event has its own canonical UUID text; the unique index refuses a copy."""
+    path = tmp_path / "store.db"
+    async with _open(path) as store:
+        await _commit(store, "a", 0, [Added(1), Added(2)])
+        await _commit(store, "b", 0, [Added(3)])
+    ids = _event_ids(path)
+    assert len(ids) == len(set(ids)) == 3
+    assert all(str(uuid.UUID(event_id)) == event_id for event_id in ids)
+    with _raw(path) as raw, pytest.raises(sqlite3.IntegrityError, match="event_id"):
+        raw.execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
+            "event_version, payload, metadata, recorded_at, event_id) "
+            "VALUES ('default', 'c', 1, 'x', 1, '{}', '[]', 'now', ?)",
+            (ids[0],),
+        )
+    raw.close()
+
+
+async def test_version_1_tables_are_migrated_on_open(tmp_path: Path) -> None:
+    """A version-1 file gains event ids (fresh, unique), keeps its rows, and says version 2."""
+    path = tmp_path / "old.db"
+    with _raw(path) as raw:
+        raw.execute("PRAGMA journal_mode=WAL")
+        for ddl in _V1_DDL:
+            raw.execute(ddl)
+        for position, (aggregate_id, sequence, amount) in enumerate(
+            [("acc", 1, 1), ("other", 1, 9), ("acc", 2, 2)], start=5
+        ):
+            raw.execute(
+                "INSERT INTO events VALUES (?, 'default', ?, ?, 'conformance.Added', 1, ?, '[]', "
+                "'2024-01-01T00:00:00.000000+00:00')",
+                (position, aggregate_id, sequence, f'{{"amount": {amount}}}'),
+            )
+    raw.close()
+    async with _open(path) as store:
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
+        assert [s.global_position for s in await store.read_all(0, 10)] == [5, 6, 7]
+        assert await _commit(store, "acc", 2, [Added(3)]) == 3
+        assert [s.global_position for s in await store.read_all(6, 10)] == [7, 8]
+    ids = _event_ids(path)
+    assert len(ids) == len(set(ids)) == 4
+    assert all(str(uuid.UUID(event_id)) == event_id for event_id in ids)
+    with _raw(path) as raw:
+        assert raw.execute("SELECT version FROM trio_es_schema_version").fetchall() == [(2,)]
+        indexes = {row[1]: row[2] for row in raw.execute("PRAGMA index_list(events)")}
+        assert indexes["events_event_id"] == 1  # unique
+        assert "events_type_position" in indexes
+        not_null = {row[1]: row[3] for row in raw.execute("PRAGMA table_info(events)")}
+        assert not_null["event_id"] == 1
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    raw.close()
+    # Reopening a migrated file changes nothing.
+    async with _open(path) as store:
+        assert len(await store.read_all(0, 10)) == 4
+    assert _event_ids(path) == ids
+
+
+async def test_stored_event_ids_make_a_resent_plan_committed(tmp_path: Path) -> None:
+    """A plan whose event ids are stored already is reported committed and stores nothing."""
+    path = tmp_path / "store.db"
+    async with _open(path) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        [stored_id] = _event_ids(path)
+        again = EventRow(
+            "acc", 2, "conformance.Added", 1, '{"amount":2}', "[]", uuid.UUID(stored_id)
+        )
+        plan = _Commit(store._statements, "default", {"acc": 1}, [again], [], 100)
+        [result] = await store._commit_batch([plan])
+        assert result.unwrap() is None
+        assert not store._writer.raw.in_transaction
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+
+
+# -- a failing COMMIT --
+
+
+class FaultInjectingConnection:
+    """Stands in for the store's sqlite3 writer; its next COMMIT fails as configured.
+
+    ``commit_first`` runs the real COMMIT before raising (the commit happened, as when an
+    fsync fails after the write-ahead log got the commit frame). ``wait_for_interrupt``
+    instead commits and then waits, without failing, until the store interrupts it.
+    """
+
+    def __init__(
+        self,
+        real: sqlite3.Connection,
+        *,
+        code: int = sqlite3.SQLITE_IOERR,
+        commit_first: bool = False,
+        wait_for_interrupt: bool = False,
+    ) -> None:
+        self.real = real
+        self.code = code
+        self.commit_first = commit_first
+        self.wait_for_interrupt = wait_for_interrupt
+        self.armed = True
+        self.interrupted = threading.Event()
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        if sql != "COMMIT" or not self.armed:
+            return self.real.execute(sql, parameters)
+        self.armed = False
+        if self.wait_for_interrupt:
+            cursor = self.real.execute(sql)
+            assert self.interrupted.wait(10)
+            return cursor
+        if self.commit_first:
+            self.real.execute(sql)
+        error = sqlite3.OperationalError(f"injected SQLite error {self.code}")
+        error.sqlite_errorcode = self.code
+        raise error
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        return self.real.executemany(sql, rows)
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+        self.real.interrupt()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.real.in_transaction
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.fixture
+def faulty_writer() -> Iterator[Callable[..., FaultInjectingConnection]]:
+    """Puts a FaultInjectingConnection in front of a store's writer; restores it afterwards."""
+    replaced: list[tuple[Any, sqlite3.Connection]] = []
+
+    def install(store: Any, **options: Any) -> FaultInjectingConnection:
+        fake = FaultInjectingConnection(store._writer.raw, **options)
+        replaced.append((store._writer, store._writer.raw))
+        store._writer.raw = fake
+        return fake
+
+    yield install
+    for writer, real in replaced:
+        writer.raw = real
+
+
+async def test_commit_error_after_the_commit_was_written_is_outcome_unknown(
+    tmp_path: Path, faulty_writer: Callable[..., FaultInjectingConnection]
+) -> None:
+    """An I/O error from COMMIT that may follow the write: CommitOutcomeUnknown, not a failure."""
+    async with _open(tmp_path / "store.db") as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        faulty_writer(store, code=sqlite3.SQLITE_IOERR, commit_first=True)
+        with pytest.raises(CommitOutcomeUnknown, match="injected SQLite error") as info:
+            await _commit(store, "acc", 1, [Added(2)])
+        assert info.value.aggregate_id == "acc"
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
+        assert await _commit(store, "acc", 2, [Added(3)]) == 3
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "message"),
+    [
+        (sqlite3.SQLITE_BUSY, TransactionFailed, "stayed locked"),
+        (sqlite3.SQLITE_FULL, EventStoreError, "is full"),
+        (sqlite3.SQLITE_IOERR, EventStoreError, "injected"),
+    ],
+    ids=["busy", "full", "ioerr-still-open"],
+)
+async def test_commit_error_that_left_the_transaction_open_is_not_committed(
+    tmp_path: Path,
+    faulty_writer: Callable[..., FaultInjectingConnection],
+    code: int,
+    error: type[Exception],
+    message: str,
+) -> None:
+    """COMMIT failing before it wrote (the transaction still open): not committed, says so."""
+    async with _open(tmp_path / "store.db") as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        faulty_writer(store, code=code)
+        with pytest.raises(error, match=message) as info:
+            await _commit(store, "acc", 1, [Added(2)])
+        assert not isinstance(info.value, CommitOutcomeUnknown)
+        assert not store._writer.raw.in_transaction
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+        assert await _commit(store, "acc", 1, [Added(3)]) == 2
+
+
+async def test_cancelled_commit_that_committed_is_never_reported_failed(
+    tmp_path: Path, faulty_writer: Callable[..., FaultInjectingConnection]
+) -> None:
+    """Cancelled while its COMMIT completes: the caller gets OK or Cancelled, never an error."""
+    async with _open(tmp_path / "store.db") as store:
+        fake = faulty_writer(store, wait_for_interrupt=True)
+        sequence = None
+        with trio.move_on_after(0.2) as scope:
+            sequence = await _commit(store, "acc", 0, [Added(1)])
+        assert scope.cancel_called
+        # Trio raises Cancelled only at a checkpoint; with none left after the commit's
+        # result arrived, the caller simply gets it. Both answers are true.
+        assert sequence in (None, 1)
+        assert fake.interrupted.is_set()
+        assert not store._writer.raw.in_transaction
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
+        assert await _commit(store, "acc", 1, [Added(2)]) == 2

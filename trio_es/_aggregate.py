@@ -41,7 +41,7 @@ import collections
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 import attrs
@@ -56,7 +56,7 @@ from ._errors import (
     MailboxFull,
     TransactionFailed,
 )
-from ._store import EventStore
+from ._store import EventStore, check_events
 from ._subject import Subject
 from ._types import (
     Aggregate,
@@ -460,19 +460,16 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             result = await result
         if isinstance(result, list | tuple):
             return result
-        if (
-            result is None
-            or isinstance(result, str | bytes | Mapping)
-            or not isinstance(result, Iterable)
-        ):
+        try:
+            return check_events(result)
+        except TypeError:
             raise _BadEvents(
                 TypeError(
                     f"handle must return a sequence of events (got {result!r:.80} of type "
                     f"{type(result).__name__} for command {command!r:.80}); return a list of "
                     "events, or [] for none"
                 )
-            )
-        return tuple(result)
+            ) from None
 
     async def _commit(
         self, batch: list[Execute], decided: list[_Decided], crash: tuple[int, Exception] | None
@@ -488,61 +485,84 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             # backlog when the cancellation arrives; the final sweep answers it.
             await trio.sleep_forever()
         with trio.CancelScope(shield=True) as scope:
+            # Registered until the last reply, so that stopping bounds the publication too.
             shared.commit_scopes.add(scope)
             try:
-                stored = await self._transaction(decided)
-            except CommitOutcomeUnknown as unknown:
-                # Invariant 5: maybe stored, so never retried; the next use reloads.
-                self._fail(batch, decided, crash, unknown)
-                return
-            except TransactionFailed:
-                raise
-            except EventStoreError as error:
-                # The store refused the transaction: nothing of it was written.
-                self._fail(batch, decided, crash, error)
-                return
-            except trio.Cancelled:
-                # Only the shutdown deadline cancels a shielded commit: it may have landed.
-                stopped = CommitOutcomeUnknown(
-                    f"the system stopped while the commit was under way (it had "
-                    f"{shared.shutdown_grace} s of grace)",
-                    aggregate_id=self.aggregate_id,
-                )
-                self._fail(batch, decided, crash, stopped)
-                raise
-            except Exception as broken:
-                # A store that breaks the protocol: answer every command with it, crash.
-                self._fail(batch, decided, None, broken)
-                raise
+                stored = await self._stored(batch, decided, crash)
+                if stored is None:
+                    return
+                committed, published, refused = stored
+                shared.commands_processed += len(committed)
+                later: list[Execute] = []
+                if refused is not None:
+                    index, refusal = refused
+                    self._answer(batch[index], outcome.Error(refusal))
+                    # Decided on top of the refused command's events: decide them again.
+                    later = batch[index + 1 :]
+                    crash = None
+                elif crash is not None:
+                    later = batch[crash[0] + 1 :]
+                for message in later:
+                    self._release(message)
+                self._give_back(later)
+                try:
+                    for envelopes in published:
+                        await shared.publish(self.aggregate_id, envelopes)
+                finally:
+                    for item in committed:
+                        result = (
+                            outcome.Value(None)
+                            if item.refusal is None
+                            else outcome.Error(item.refusal)
+                        )
+                        self._answer(item.message, result)
+                    if "rerun_committed_batch" in planted_bugs and len(committed) > 1:
+                        self._give_back([committed[-1].message])
             finally:
                 shared.commit_scopes.discard(scope)
-            committed, published, refused = stored
-            shared.commands_processed += len(committed)
-            later: list[Execute] = []
-            if refused is not None:
-                index, refusal = refused
-                self._answer(batch[index], outcome.Error(refusal))
-                # Decided on top of the refused command's events: decide them again.
-                later = batch[index + 1 :]
-                crash = None
-            elif crash is not None:
-                later = batch[crash[0] + 1 :]
-            for message in later:
-                self._release(message)
-            self._give_back(later)
-            try:
-                for envelopes in published:
-                    await shared.publish(self.aggregate_id, envelopes)
-            finally:
-                for item in committed:
-                    result = (
-                        outcome.Value(None) if item.refusal is None else outcome.Error(item.refusal)
-                    )
-                    self._answer(item.message, result)
-                if "rerun_committed_batch" in planted_bugs and len(committed) > 1:
-                    self._give_back([committed[-1].message])
+        if scope.cancelled_caught:
+            # The shutdown deadline passed while publishing: the replies went out, the
+            # rest of the publication is abandoned with the stopping system.
+            crash = None
         if crash is not None:
             self._crash(batch[crash[0]], crash[1])
+
+    async def _stored(
+        self, batch: list[Execute], decided: list[_Decided], crash: tuple[int, Exception] | None
+    ) -> (
+        tuple[list[_Decided], list[Sequence[EventEnvelope[EventT]]], tuple[int, Exception] | None]
+        | None
+    ):
+        """:meth:`_transaction`, its failures answered; ``None`` when nothing was committed.
+
+        Raises:
+            TransactionFailed: nothing was written and nothing answered; retry the batch.
+        """
+        shared = self.shared
+        try:
+            return await self._transaction(decided)
+        except CommitOutcomeUnknown as unknown:
+            # Invariant 5: maybe stored, so never retried; the next use reloads.
+            self._fail(batch, decided, crash, unknown)
+        except TransactionFailed:
+            raise
+        except EventStoreError as error:
+            # The store refused the transaction: nothing of it was written.
+            self._fail(batch, decided, crash, error)
+        except trio.Cancelled:
+            # Only the shutdown deadline cancels a shielded commit: it may have landed.
+            stopped = CommitOutcomeUnknown(
+                f"the system stopped while the commit was under way (it had "
+                f"{shared.shutdown_grace} s of grace)",
+                aggregate_id=self.aggregate_id,
+            )
+            self._fail(batch, decided, crash, stopped)
+            raise
+        except Exception as broken:
+            # A store that breaks the protocol: answer every command with it, crash.
+            self._fail(batch, decided, None, broken)
+            raise
+        return None
 
     async def _transaction(
         self, decided: list[_Decided]

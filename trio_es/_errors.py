@@ -7,6 +7,7 @@ value) is optional keyword data that makes ``str()`` more useful without changin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import final
 
 __all__ = [
@@ -32,11 +33,19 @@ def _about(aggregate_id: str | None) -> str:
 
 
 class EventSourcingError(Exception):
-    """Base class of every error that trio_es raises or replies with."""
+    """Base class of every error that trio_es raises or replies with.
+
+    ``str()`` is a sentence that stands alone (it names what went wrong, for logs that do
+    not show the type); :meth:`describe` is the one line :func:`describe_error` gives.
+    """
 
     def describe(self) -> str:
-        """A one-line human description, as the seed's ``describe_error`` gives."""
-        return str(self)
+        """A one-line description, ``TypeName: message``, as :func:`describe_error` gives.
+
+        Subclasses whose ``str()`` starts by naming their kind ("transaction failed: ...")
+        override it, so that the message does not say the type twice.
+        """
+        return f"{type(self).__name__}: {_message(self)}"
 
 
 class DomainError(EventSourcingError):
@@ -59,8 +68,13 @@ class DomainError(EventSourcingError):
     def __str__(self) -> str:
         kind = "domain error" if type(self) is DomainError else type(self).__name__
         if self.error is self:
-            return f"domain error: {kind}"
+            return "domain error" if type(self) is DomainError else f"domain error: {kind}"
         return f"{kind}: {self.error!r}"
+
+    def describe(self) -> str:
+        """``Overdrawn: 500`` (the value's repr), or ``Overdrawn: the command was rejected``."""
+        what = "the command was rejected" if self.error is self else _safe(repr, self.error)
+        return f"{type(self).__name__}: {what}"
 
 
 class EventStoreError(EventSourcingError):
@@ -76,6 +90,11 @@ class EventStoreError(EventSourcingError):
 
     def __str__(self) -> str:
         return f"event store error: {self.message}{_about(self.aggregate_id)}"
+
+    def describe(self) -> str:
+        """``EventStoreError: disk full (aggregate 'acc-1')``."""
+        message = self.message or "the event store failed"
+        return f"{type(self).__name__}: {message}{_about(self.aggregate_id)}"
 
 
 @final
@@ -116,6 +135,11 @@ class EntityNotFound(EventSourcingError):
     def __str__(self) -> str:
         return f"entity not found{_about(self.aggregate_id)}"
 
+    def describe(self) -> str:
+        """``EntityNotFound: aggregate 'acc-1' has no events``."""
+        which = "the aggregate" if self.aggregate_id is None else f"aggregate {self.aggregate_id!r}"
+        return f"{type(self).__name__}: {which} has no events"
+
 
 class TransactionFailed(EventSourcingError):
     """A store transaction failed in a way that is safe to retry.
@@ -135,6 +159,11 @@ class TransactionFailed(EventSourcingError):
     def __str__(self) -> str:
         why = "" if self.reason is None else f": {self.reason}"
         return f"transaction failed{why}{_about(self.aggregate_id)}"
+
+    def describe(self) -> str:
+        """``TransactionFailed: database is locked (aggregate 'acc-1')``."""
+        reason = self.reason or "the transaction failed"
+        return f"{type(self).__name__}: {reason}{_about(self.aggregate_id)}"
 
 
 @final
@@ -168,9 +197,10 @@ class CommitOutcomeUnknown(EventStoreError):
     """A commit was sent but its outcome could not be learned: it may or may not be stored.
 
     Raised when the connection to the database was lost after the commit was sent and
-    the store could not find out afterwards whether it landed (the SQL stores look the
-    commit's event ids up on a fresh connection first, and answer for certain when they
-    can). It is never retried automatically, since a retry could store the command twice:
+    the store could not find out afterwards whether it landed (the PostgreSQL store looks
+    the commit's event ids up on a fresh connection first, and answers for certain when it
+    can), or when SQLite's COMMIT failed in a way that may leave it written (an I/O error
+    while syncing). It is never retried automatically, since a retry could store the command twice:
     read the aggregate (``load_events``) to learn what happened, then decide.
     """
 
@@ -178,8 +208,15 @@ class CommitOutcomeUnknown(EventStoreError):
         super().__init__(message, aggregate_id=aggregate_id)
 
     def __str__(self) -> str:
+        return f"commit outcome unknown: {self._details()}"
+
+    def describe(self) -> str:
+        """``CommitOutcomeUnknown: <what happened>; it may or may not be stored, ...``."""
+        return f"{type(self).__name__}: {self._details()}"
+
+    def _details(self) -> str:
         return (
-            f"commit outcome unknown: {self.message}{_about(self.aggregate_id)}; it may or "
+            f"{self.message or 'the commit was sent'}{_about(self.aggregate_id)}; it may or "
             "may not be stored, so load the aggregate's events before retrying"
         )
 
@@ -220,6 +257,10 @@ class TransactionRolledBack(EventSourcingError):
     def __str__(self) -> str:
         return "transaction rolled back" + ("" if self.reason is None else f": {self.reason}")
 
+    def describe(self) -> str:
+        """``TransactionRolledBack: deadlock``."""
+        return f"{type(self).__name__}: {self.reason or 'the transaction was rolled back'}"
+
 
 @final
 class ActorTimeout(EventSourcingError):
@@ -235,6 +276,12 @@ class ActorTimeout(EventSourcingError):
 
     def __str__(self) -> str:
         return f"actor timeout during {self.operation} after {self.timeout_ms} ms"
+
+    def describe(self) -> str:
+        """``ActorTimeout: no reply during receive within 250 ms``."""
+        return (
+            f"{type(self).__name__}: no reply during {self.operation} within {self.timeout_ms} ms"
+        )
 
 
 @final
@@ -277,18 +324,48 @@ class AggregateCrashed(EventSourcingError):
         self.restarts = restarts
 
     def __str__(self) -> str:
+        cause = self.__cause__
+        last = "" if cause is None else f" (last crash: {type(cause).__name__}: {cause})"
         return (
             f"aggregate {self.aggregate_id!r} crashed {self.restarts} times in its restart "
-            "period and was stopped; fix the bug in handle/apply or the store, then send again"
+            f"period and was stopped{last}; fix the bug in handle/apply or the store, then "
+            "send again"
         )
 
 
 def describe_error(error: BaseException) -> str:
-    """Describe an error in one line, as the seed's ``describe_error`` does.
+    """Describe any exception in one line: ``TypeName: message``.
 
-    Works for any exception: trio_es errors describe themselves, others are shown with
-    their type name.
+    The same form for trio_es's errors and any other exception, like the last line of a
+    traceback without the module: ``TransactionFailed: database is locked (aggregate
+    'acc-1')``, ``Overdrawn: 500``, ``KeyError: 'k'``. trio_es's errors give it through
+    their :meth:`~EventSourcingError.describe` (whose message does not repeat the type,
+    as their ``str()`` does to stand alone). Line breaks in a message become spaces, an
+    empty message reads ``(no message)``, and a ``str()`` that raises reads
+    ``(str() failed)``: this never raises and never returns more than one line.
     """
     if isinstance(error, EventSourcingError):
-        return error.describe()
-    return f"{type(error).__name__}: {error}"
+        try:
+            text = _one_line(error.describe())
+        except Exception:
+            text = ""  # a broken describe() override: the generic form below
+        if text:
+            return text
+    return f"{type(error).__name__}: {_message(error)}"
+
+
+def _safe(show: Callable[[object], str], value: object) -> str:
+    # A description must not fail because the value's own str() or repr() does.
+    try:
+        return show(value)
+    except Exception:
+        return f"({show.__name__}() failed)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _message(error: BaseException) -> str:
+    """The error's ``str()`` on one line, or ``(no message)`` when it is empty."""
+    return _one_line(_safe(str, error)) or "(no message)"

@@ -19,7 +19,7 @@ import attrs
 import outcome
 import trio
 
-from ._errors import TransactionFailed
+from ._errors import CommitOutcomeUnknown
 
 __all__ = ["GroupCommit"]
 
@@ -46,9 +46,30 @@ class GroupCommit(Generic[PlanT]):
 
     Guarantees, for each plan: it is committed atomically or not at all; a conflict or a
     refused row in one plan fails only that plan; its caller is answered only after its
-    batch's database transaction committed; a caller cancelled before its batch started
-    is withdrawn (nothing written), one cancelled after is answered with ``Cancelled``
-    but its plan may have been committed, as with any cancelled I/O.
+    batch's database transaction committed; a caller cancelled (or interrupted) before
+    its batch started is withdrawn (nothing written), one cancelled after is answered with
+    ``Cancelled`` but its plan may have been committed, as with any cancelled I/O.
+
+    How the callers of a failed batch are answered (never with a retryable error for a
+    batch that may have committed, and never not at all):
+
+    * ``commit_batch`` raised an ``Exception``: by its contract nothing of the batch was
+      written (a store that cannot tell raises ``CommitOutcomeUnknown`` itself). Every
+      caller gets that error as itself, so a ``TransactionFailed`` stays retryable for
+      each: the leader the instance that was raised, every other caller its own copy
+      (same type, arguments and attributes, ``__cause__`` the original), so that no two
+      tasks raise one instance and pile their tracebacks onto it. An error whose state
+      cannot be copied faithfully (state kept in C fields or slots) is given as itself.
+    * The leader was interrupted (``KeyboardInterrupt``, ``SystemExit``, or ``Cancelled``
+      of a lone leader): the batch may have committed. The leader's task gets the
+      interrupt; every other caller gets its own :class:`~trio_es.CommitOutcomeUnknown`.
+      ``commit`` runs protected from ``KeyboardInterrupt``, so a Ctrl-C reaches it only
+      at a checkpoint (waiting in the queue, or inside ``commit_batch``), never halfway
+      through handing out the answers.
+    * Cancellation: a batch of one runs under its leader's cancel scope, since its only
+      caller is the leader itself (cancelled after sending, it gets ``Cancelled``); a
+      batch of several is shielded from its leader's cancellation, so the others get the
+      real outcome.
 
     Attributes:
         commit_batch: the store's batch commit (one worker-thread call).
@@ -64,22 +85,26 @@ class GroupCommit(Generic[PlanT]):
     _queue: list[_Waiter[PlanT]] = attrs.field(factory=list, init=False)
     _busy: bool = attrs.field(default=False, init=False)
 
+    # Protected from KeyboardInterrupt (and so is the commit_batch it calls): a Ctrl-C
+    # raised between two lines of the queue bookkeeping could leave a waiter unanswered
+    # or the lead with nobody. It arrives at a checkpoint instead, where it is handled.
+    @trio.lowlevel.enable_ki_protection
     async def commit(self, plan: PlanT) -> None:
         """Commit ``plan``, alone or with the plans of other tasks committing now.
 
-        Raises whatever made this plan (or its whole batch) fail.
+        Raises whatever made this plan (or its whole batch) fail; see the class docstring
+        for what the callers of a failed or interrupted batch get.
         """
         waiter: _Waiter[PlanT] = _Waiter(plan)
         self._queue.append(waiter)
         if self._busy:
             try:
                 await waiter.wake.wait()
-            except trio.Cancelled:
-                if waiter in self._queue:
-                    # Not taken into a batch yet: withdraw, passing on the lead if it was ours.
-                    self._queue.remove(waiter)
-                    if waiter.promoted:
-                        self._promote_next()
+            except BaseException:
+                # Cancelled, or KeyboardInterrupt delivered at this checkpoint: either way
+                # this caller leaves, and a waiter left in the queue would be promoted to
+                # lead with nobody there to lead, stranding everyone behind it.
+                self._withdraw(waiter)
                 raise
             if waiter.result is None:
                 assert waiter.promoted
@@ -92,30 +117,47 @@ class GroupCommit(Generic[PlanT]):
 
     async def _lead(self) -> None:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        results: list[outcome.Outcome[None]] | None = None
+        answers: list[outcome.Outcome[None]] | None = None
+        failure: BaseException | None = None
         try:
             plans = [waiter.plan for waiter in batch]
             # Alone, the leader's own cancellation may interrupt its commit; when others
             # wait on the batch, it must not fail them.
             with trio.CancelScope(shield=len(batch) > 1):
-                answers = await self.commit_batch(plans)
-            if len(answers) != len(batch):
+                returned = await self.commit_batch(plans)
+            if len(returned) != len(batch):
                 raise RuntimeError(
-                    f"commit_batch returned {len(answers)} outcomes for {len(batch)} plans"
+                    f"commit_batch returned {len(returned)} outcomes for {len(batch)} plans"
                 )
-            results = answers
+            answers = returned
             self.batches += 1
             self.plans += len(batch)
-        except BaseException as failure:
-            error = failure if isinstance(failure, Exception) else _batch_stopped(failure)
-            results = [outcome.Error(error)] * len(batch)
+        except BaseException as error:
+            failure = error
             raise
         finally:
-            assert results is not None
-            for waiter, result in zip(batch, results, strict=True):
-                waiter.result = result
-                waiter.wake.set()
-            self._promote_next()
+            self._answer(batch, answers, failure)
+
+    def _answer(
+        self,
+        batch: list[_Waiter[PlanT]],
+        answers: list[outcome.Outcome[None]] | None,
+        failure: BaseException | None,
+    ) -> None:
+        if answers is None:
+            assert failure is not None  # no answers only when _lead is raising
+            answers = _failed(batch_size=len(batch), failure=failure)
+        for waiter, result in zip(batch, answers, strict=True):
+            waiter.result = result
+            waiter.wake.set()
+        self._promote_next()
+
+    def _withdraw(self, waiter: _Waiter[PlanT]) -> None:
+        if waiter in self._queue:
+            # Not taken into a batch yet: withdraw, passing on the lead if it was ours.
+            self._queue.remove(waiter)
+            if waiter.promoted:
+                self._promote_next()
 
     def _promote_next(self) -> None:
         if self._queue:
@@ -126,7 +168,84 @@ class GroupCommit(Generic[PlanT]):
             self._busy = False
 
 
-def _batch_stopped(reason: BaseException) -> Exception:
-    # Only a lone leader's batch can be cancelled, so this reaches no other caller; it
-    # is here so that an interrupt (KeyboardInterrupt) never leaves a waiter unanswered.
-    return TransactionFailed(f"the commit was stopped by {type(reason).__name__}")
+def _failed(*, batch_size: int, failure: BaseException) -> list[outcome.Outcome[None]]:
+    """One outcome per waiter of a batch that raised ``failure``, each with its own error.
+
+    The first waiter is the leader, which raises ``failure`` itself; its outcome is
+    never unwrapped but keeps the list aligned with the batch.
+    """
+    errors: list[Exception]
+    if isinstance(failure, Exception):
+        errors = [failure, *(_copy_for_another_caller(failure) for _ in range(batch_size - 1))]
+    else:
+        # Interrupted, maybe after the commit was sent: it may have landed.
+        reason = type(failure).__name__
+        errors = [
+            CommitOutcomeUnknown(
+                f"the group commit this transaction was part of was interrupted by {reason}"
+            )
+            for _ in range(batch_size)
+        ]
+    return [outcome.Error(error) for error in errors]
+
+
+#: Built-in exception types whose whole state is ``args`` (no C fields such as
+#: ``OSError.errno`` or ``ImportError.name``), so an instance rebuilt from ``args`` and
+#: the instance dict is the same error.
+_PLAIN_BUILTINS: frozenset[type[BaseException]] = frozenset(
+    {
+        BaseException,
+        Exception,
+        ArithmeticError,
+        AssertionError,
+        BufferError,
+        EOFError,
+        FloatingPointError,
+        IndexError,
+        KeyError,
+        LookupError,
+        MemoryError,
+        NotImplementedError,
+        OverflowError,
+        RecursionError,
+        ReferenceError,
+        RuntimeError,
+        TypeError,
+        ValueError,
+        ZeroDivisionError,
+    }
+)
+
+
+def _copy_for_another_caller(error: Exception) -> Exception:
+    """A new instance of ``error`` for one more caller, or ``error`` itself if none is faithful.
+
+    Rebuilt from the state pickling sees (``args`` and the instance attributes), but
+    without calling ``__init__``, since many errors take keyword-only arguments that
+    ``args`` does not hold: ``__new__`` with the same ``args``, then the same attributes.
+    Only done when that is the whole state: no ``__slots__``, and a built-in base that
+    keeps nothing outside ``args``.
+    """
+    kind = type(error)
+    builtin_base = next(base for base in kind.__mro__ if base.__module__ == "builtins")
+    if builtin_base not in _PLAIN_BUILTINS or any(
+        "__slots__" in vars(base) for base in kind.__mro__
+    ):
+        return error
+    try:
+        copy = kind.__new__(kind, *error.args)
+        for name, value in vars(error).items():
+            # An attribute that refers to the error itself (DomainError.error) must refer
+            # to the copy; __notes__ is a list the two must not share.
+            if value is error:
+                value = copy
+            elif name == "__notes__" and isinstance(value, list):
+                value = list(value)
+            setattr(copy, name, value)
+        faithful = type(copy) is kind and copy.args == error.args and str(copy) == str(error)
+    except Exception:
+        return error
+    if not faithful:
+        return error
+    copy.__cause__ = error
+    return copy

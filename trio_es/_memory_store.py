@@ -6,7 +6,7 @@ tail costs O(tail). Nothing survives the process; use it for tests and prototype
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
@@ -15,7 +15,7 @@ import outcome
 import trio
 
 from ._errors import ConcurrencyConflict, EventStoreError
-from ._store import check_read_all
+from ._store import check_events, check_read_all
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
 from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot, StoredEvent, utc_now
@@ -80,10 +80,13 @@ def _stage(
     tx: MemoryTransaction[EventT, EntityT],
     stored_sequence: int,
     aggregate: Aggregate[EntityT],
-    events: Sequence[EventT],
+    events: list[EventT],
     metadata: Metadata,
 ) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
-    """Buffer ``events`` in ``tx`` after checking the optimistic-concurrency expectation."""
+    """Buffer ``events`` in ``tx`` after checking the optimistic-concurrency expectation.
+
+    Every check comes before the first change, so a refused call leaves ``tx`` as it was.
+    """
     aggregate_id = aggregate.aggregate_id
     pending = tx.appends.get(aggregate_id)
     current = stored_sequence + (0 if pending is None else len(pending))
@@ -146,11 +149,20 @@ class MemoryStore(Generic[EventT, EntityT]):
         self,
         tx: MemoryTransaction[EventT, EntityT],
         aggregate: Aggregate[EntityT],
-        events: Sequence[EventT],
+        events: Iterable[EventT],
         metadata: Metadata,
     ) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
+        """Buffer ``events`` (any iterable, read once) after ``aggregate.sequence``.
+
+        Raises:
+            TypeError: ``events`` is None, not iterable, or a str, bytes or mapping;
+                nothing is buffered and the transaction stays usable.
+            ConcurrencyConflict: the stored (plus buffered) sequence is not
+                ``aggregate.sequence``.
+        """
+        materialized = check_events(events)
         stored = self._log.sequence(aggregate.aggregate_id)
-        return _stage(tx, stored, aggregate, events, metadata)
+        return _stage(tx, stored, aggregate, materialized, metadata)
 
     async def load_snapshot(
         self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str
@@ -266,16 +278,18 @@ class SupervisedMemoryStore(Generic[EventT, EntityT]):
         self,
         tx: MemoryTransaction[EventT, EntityT],
         aggregate: Aggregate[EntityT],
-        events: Sequence[EventT],
+        events: Iterable[EventT],
         metadata: Metadata,
     ) -> tuple[list[MemoryStoreEventEnvelope[EventT]], int]:
+        """As :meth:`MemoryStore.commit_events`; may ask the events actor for the sequence."""
+        materialized = check_events(events)
         aggregate_id = aggregate.aggregate_id
         stored = (
             tx.expected[aggregate_id]
             if aggregate_id in tx.expected
             else await self._call(self.events_name, lambda r: _Sequence(aggregate_id, r))
         )
-        return _stage(tx, stored, aggregate, events, metadata)
+        return _stage(tx, stored, aggregate, materialized, metadata)
 
     async def load_snapshot(
         self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str

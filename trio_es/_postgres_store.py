@@ -23,16 +23,31 @@ Cancellation: a cancelled call asks the server to cancel the running statement
 (``Connection.cancel_safe``), lets the thread finish and roll back, and only then lets
 ``trio.Cancelled`` through, with the connection back in the pool, idle. A commit that had
 already reached COMMIT stays committed, as with any cancelled I/O.
+
+Lost connections: a commit that fails before COMMIT may have reached the server (a lost
+connection, an error on BEGIN, a conflict, a refused row) wrote nothing, and says so. One
+that fails afterwards, other than by a plain statement ERROR (which aborts the
+transaction), may or may not have committed: the store never sends it again, but finds
+out on a fresh connection. It first ends the old session if it still lives
+(``pg_terminate_backend``, checked by pid and start time, waiting for it to exit), so that
+the outcome can no longer change; then, holding the commit lock (so that a commit still
+in progress finishes first), it looks one of the batch's event ids up. Found: the batch
+committed, and every caller is told so. Not found: nothing was written, the retryable
+``TransactionFailed``. Cannot tell within ``_RESOLVE_SECONDS`` (server unreachable, the
+old session would not stop): ``CommitOutcomeUnknown``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import enum
 import hashlib
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
@@ -43,11 +58,12 @@ import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
 
-from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError, TransactionFailed
 from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
     EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
     SCHEMA_VERSION,
     SNAPSHOT_COLUMNS,
     Dialect,
@@ -63,6 +79,7 @@ from ._sql import (
     check_columns,
     check_schema_version,
     check_text,
+    check_version_to_open,
     find_conflict,
     max_sequence,
     pending_writes,
@@ -87,6 +104,12 @@ _CANCEL_SECONDS: Final = 5.0
 _CANCEL_RETRY_SECONDS: Final = 0.5
 #: libpq's ``connect_timeout`` (whole seconds).
 _CONNECT_SECONDS: Final = 10
+#: How long (seconds) finding out whether a commit with a lost connection landed may take.
+_RESOLVE_SECONDS: Final = 10.0
+#: The pause (seconds) between two attempts at finding out, when one lost its connection.
+_RESOLVE_RETRY_SECONDS: Final = 0.05
+#: How long (ms) the server waits for the lost session to exit, and for the commit lock.
+_RESOLVE_WAIT_MS: Final = 5000
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 
@@ -102,6 +125,10 @@ class _Interrupted(Exception):
     """Internal: a worker thread stopped early because the calling task was cancelled."""
 
 
+#: A server session: its pid and start time (a pid alone may be reused by a later session).
+_Backend = tuple[int, datetime.datetime]
+
+
 @attrs.define(eq=False)
 class _Call:
     """One thread call, shared by the worker thread and the Trio side.
@@ -111,6 +138,8 @@ class _Call:
     further statement. Both change under ``lock``.
     """
 
+    #: The server session the call runs on, if known (see ``_CommitOutcomeUnknown``).
+    backend: _Backend | None = None
     lock: threading.Lock = attrs.Factory(threading.Lock)
     state: _CallState = _CallState.PENDING
     interrupted: bool = False
@@ -130,7 +159,26 @@ CallFn = Callable[[Connection, _Call], T]
 
 
 class _CommitOutcomeUnknown(Exception):
-    """The connection broke after COMMIT was sent: the commit may or may not have happened."""
+    """Internal: a commit failed after COMMIT may have reached the server.
+
+    ``plans`` were sent as one database transaction; ``results`` are their outcomes as
+    they would be had it committed (a plan refused by a conflict keeps its error).
+    ``backend`` is the session that ran it, so that the store can make sure it has
+    ended before it looks the outcome up.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        plans: list[_Commit],
+        results: list[outcome.Outcome[None]],
+        backend: _Backend | None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.plans = plans
+        self.results = results
+        self.backend = backend
 
 
 @attrs.define(eq=False)
@@ -138,6 +186,8 @@ class _PooledConnection:
     """One psycopg connection and the limiter that keeps it to one thread at a time."""
 
     raw: Connection
+    #: The server session behind ``raw``, if known.
+    backend: _Backend | None = None
     reused: bool = False
     limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
     # Guards ``busy`` and ``discarded`` between the worker thread and the Trio thread, so
@@ -215,7 +265,7 @@ class _PooledConnection:
         does ``Cancelled`` propagate, with the connection idle for the next user. If
         that takes longer than ``_CLEANUP_SECONDS`` the connection is discarded instead.
         """
-        call = _Call()
+        call = _Call(self.backend)
         try:
             return await trio.to_thread.run_sync(
                 self._execute,
@@ -265,6 +315,7 @@ class _Handoff:
     lock: threading.Lock = attrs.Factory(threading.Lock)
     abandoned: bool = False
     raw: Connection | None = None
+    backend: _Backend | None = None
 
     def connect(self, conninfo: str) -> Connection:
         # Autocommit: a read is one statement and needs no BEGIN/COMMIT round trips; a
@@ -279,6 +330,17 @@ class _Handoff:
             autocommit=True,
             **{key: value for key, value in defaults.items() if key not in params},
         )
+        try:
+            # Who this session is, so that after a lost commit the store can end exactly
+            # this session (not a later one that got its pid) before looking it up.
+            row = raw.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        except BaseException:
+            _close_quietly(raw)
+            raise
+        if row is not None and row[1] is not None:
+            self.backend = (int(row[0]), row[1])
         with self.lock:
             if not self.abandoned:
                 self.raw = raw
@@ -343,14 +405,16 @@ class _Pool:
                 f"cannot connect to PostgreSQL at {_describe_server(self.conninfo)} "
                 f"({_first_line(error)}); check that the server is up and the DSN is right"
             ) from error
-        return _PooledConnection(raw)
+        return _PooledConnection(raw, handoff.backend)
 
     async def run(self, fn: CallFn[T]) -> T:
         """Run ``fn(connection, call)`` on a pooled connection in a worker thread.
 
         A reused connection found broken before anything was committed (the server
         restarted since it was last used) is replaced and the call retried, so a server
-        restart costs callers nothing once the server is back.
+        restart costs callers nothing once the server is back. Only a plain
+        ``OperationalError`` is retried: a commit raises one only while nothing can have
+        been committed, and ``_CommitOutcomeUnknown`` otherwise, which is never retried.
         """
         if self._closed:
             raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
@@ -363,6 +427,11 @@ class _Pool:
                 conn = self._idle.pop() if self._idle else await self._connect()
                 try:
                     return await conn.run(fn)
+                except _CommitOutcomeUnknown:
+                    # Never reused: the store is about to end this very session, and must
+                    # not be handed it for the lookup.
+                    conn.discard()
+                    raise
                 except psycopg.OperationalError:
                     # Every idle connection may have died with the server: allow one retry
                     # per pooled connection, then one on a fresh connection.
@@ -405,6 +474,7 @@ _DIALECT: Final = Dialect(
     integer_type="BIGINT",
     json_type="JSONB",
     timestamp_type="TIMESTAMPTZ",
+    uuid_type="UUID",
     json_parameter="%s::jsonb",
     # The transcoder decodes JSON text; jsonb would otherwise come back parsed.
     json_result="{}::text",
@@ -547,10 +617,18 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
     If PostgreSQL refuses a row of a batch (a writer that slipped in between our check
     and our lock, an id too long for the index), the batch is rolled back and each plan
     committed on its own, so that only the plan at fault fails.
+
+    Raises:
+        _CommitOutcomeUnknown: the call failed after COMMIT may have reached the server,
+            other than by a statement ERROR (which proves a rollback).
+        psycopg.OperationalError: the connection failed before COMMIT was sent; nothing
+            was committed, so the call may be retried.
     """
     statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
     results: list[outcome.Outcome[None]] = []
-    committing = False
+    # Whether COMMIT may have reached the server. In pipeline mode ``execute`` queues a
+    # statement and may send it at once, so this is set before the call.
+    commit_sent = False
     try:
         with raw.pipeline() as pipeline, raw.cursor() as cursor, raw.cursor() as checks:
             cursor.execute("BEGIN")
@@ -596,42 +674,91 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
                     statements.insert_event,
                     [row.parameters(aggregate_type, recorded_at) for row in events],
                 )
-            committing = True
+            commit_sent = True
             cursor.execute("COMMIT")
             # Leaving the pipeline block sends the batch and raises its first error.
-    except (psycopg.errors.UniqueViolation, psycopg.errors.ProgramLimitExceeded) as error:
-        if len(plans) > 1:
-            raw.rollback()
-            return [_commit_alone(raw, call, plan) for plan in plans]
-        if isinstance(error, psycopg.errors.UniqueViolation):
-            # Only a writer that skips the checks (another program, or one that committed
-            # between our check and our lock) gets here: a lost race on a sequence.
-            raise _conflict(raw, plans[0]) from error
-        raise _too_long(plans[0], error) from error
-    except psycopg.OperationalError as error:
-        # On a live connection an error means the server rolled the transaction back;
-        # a connection lost once COMMIT was sent leaves the outcome unknown, and
-        # retrying then could apply a command twice, so it must not look retryable.
-        if committing and raw.closed:
-            raise _CommitOutcomeUnknown(_first_line(error)) from error
+    except Exception as error:
+        if commit_sent and not _rolled_back(error):
+            # The COMMIT may have been done: sending the plans again could store them
+            # twice, so the store must find out instead (see PostgresStore._resolve).
+            raise _CommitOutcomeUnknown(_first_line(error), plans, results, call.backend) from error
+        if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.ProgramLimitExceeded):
+            return _refused(raw, call, plans, error)
         raise
     return results
 
 
-def _commit_alone(raw: Connection, call: _Call, plan: _Commit) -> outcome.Outcome[None]:
-    """Commit one plan of a batch that had to be split; its failure is its outcome."""
-    try:
-        return _commit(raw, call, [plan])[0]
-    except (
-        ConcurrencyConflict,
-        EventStoreError,
-        psycopg.DataError,
-        psycopg.IntegrityError,
-    ) as error:
-        # Leave the connection idle for the next plan of the split batch.
-        if raw.info.transaction_status != TransactionStatus.IDLE:
+def _rolled_back(error: Exception) -> bool:
+    """Whether ``error`` proves that the server rolled the transaction back.
+
+    A statement's ERROR aborts the transaction, and in a pipeline the server skips what
+    follows up to the sync, COMMIT included (or it is the COMMIT's own failure). A FATAL
+    or PANIC ends the session, possibly right after a successful COMMIT; an error without
+    a SQLSTATE (a lost connection) comes from the client and tells nothing.
+    """
+    if not isinstance(error, psycopg.Error) or error.sqlstate is None:
+        return False
+    severity = error.diag.severity_nonlocalized or error.diag.severity
+    return severity == "ERROR"
+
+
+def _is_event_id_violation(error: psycopg.Error, statements: Statements) -> bool:
+    constraint = error.diag.constraint_name
+    return constraint is not None and constraint.lower() == statements.event_id_index.lower()
+
+
+def _refused(
+    raw: Connection, call: _Call, plans: list[_Commit], error: psycopg.Error
+) -> list[outcome.Outcome[None]]:
+    """The outcomes after PostgreSQL refused a row of ``plans`` (all rolled back)."""
+    if len(plans) > 1:
+        raw.rollback()
+        return _commit_each(raw, call, plans)
+    plan = plans[0]
+    if isinstance(error, psycopg.errors.UniqueViolation):
+        if _is_event_id_violation(error, plan.statements):
+            # Event ids are given once, when an event is staged: these events are
+            # stored already, so this plan committed before. Never a conflict.
             raw.rollback()
-        return outcome.Error(error)
+            return [outcome.Value(None)]
+        # Only a writer that skips the checks (another program, or one that committed
+        # between our check and our lock) gets here: a lost race on a sequence.
+        raise _conflict(raw, plan) from error
+    raise _too_long(plan, error) from error
+
+
+def _commit_each(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+    """Commit each plan of a refused batch on its own; each failure is that plan's outcome.
+
+    Once one plan has committed, nothing here may raise: the pool would send the whole
+    batch again. A broken connection fails the plans not tried yet (nothing of them was
+    sent), and a plan whose COMMIT was lost is ``_CommitOutcomeUnknown`` alone.
+    """
+    results: list[outcome.Outcome[None]] = []
+    for index, plan in enumerate(plans):
+        try:
+            results.append(_commit(raw, call, [plan])[0])
+        except _CommitOutcomeUnknown as unknown:
+            results.append(outcome.Error(unknown))
+            # The store will end this session before it looks the plan up: use it no more.
+            _close_quietly(raw)
+        except (ConcurrencyConflict, EventStoreError, psycopg.Error) as error:
+            results.append(outcome.Error(error))
+            with contextlib.suppress(psycopg.Error):
+                if not raw.closed and raw.info.transaction_status != TransactionStatus.IDLE:
+                    raw.rollback()
+        if raw.closed or raw.info.transaction_status != TransactionStatus.IDLE:
+            results.extend(
+                outcome.Error(
+                    TransactionFailed(
+                        "the connection to PostgreSQL broke before this transaction was "
+                        "sent; nothing was written, retry it"
+                    )
+                )
+                for _ in plans[index + 1 :]
+            )
+            break
+    return results
 
 
 def _too_long(plan: _Commit, error: psycopg.Error) -> EventStoreError:
@@ -660,6 +787,55 @@ def _conflict(raw: Connection, plan: _Commit) -> Exception:
     return EventStoreError("an event row broke the unique key of the events table")
 
 
+def _end_session(raw: Connection, backend: _Backend) -> bool:
+    """End the session ``backend`` if it still runs; whether it is now known to be gone.
+
+    A session whose connection the client lost may live on in the server for a while
+    (until it notices), and could still commit. Terminating it and waiting for it to
+    exit freezes the outcome of whatever it was doing.
+    """
+    pid, started = backend
+    try:
+        row = raw.execute(
+            "SELECT pg_terminate_backend(pid, %s::bigint) FROM pg_stat_activity "
+            "WHERE pid = %s::integer AND backend_start = %s",
+            (_RESOLVE_WAIT_MS, pid, started),
+        ).fetchone()
+    except (psycopg.ProgrammingError, psycopg.errors.InsufficientPrivilege) as error:
+        # PostgreSQL before 14 (no timeout argument), or not allowed: the lookup can
+        # still prove a commit, but not the absence of one.
+        logger.warning("could not end the PostgreSQL session %d: %s", pid, _first_line(error))
+        return False
+    return row is None or bool(row[0])
+
+
+def _find_commit(
+    raw: Connection,
+    call: _Call,
+    statements: Statements,
+    lock_key: int,
+    event_id: uuid.UUID,
+    backend: _Backend | None,
+) -> bool | None:
+    """Whether the commit that holds ``event_id`` landed: True, False, or None (unknown).
+
+    Runs on a fresh connection after the one that sent the COMMIT was lost.
+    """
+    gone = backend is not None and _end_session(raw, backend)
+    call.checkpoint()
+    with raw.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute(f"SET LOCAL lock_timeout = {_RESOLVE_WAIT_MS}")
+        # The lock every commit holds to its COMMIT: a commit still in flight (its
+        # session alive, or ending) is done, one way or the other, once we hold it.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+        found = cursor.execute(statements.find_event_id, (event_id,)).fetchone() is not None
+        cursor.execute("COMMIT")
+    if found:
+        return True
+    return False if gone else None
+
+
 def _table_columns(cursor: psycopg.Cursor[tuple[Any, ...]], table: str) -> list[str]:
     # to_regclass resolves the name through search_path, as the store's statements do.
     rows = cursor.execute(
@@ -670,24 +846,11 @@ def _table_columns(cursor: psycopg.Cursor[tuple[Any, ...]], table: str) -> list[
     return [str(row[0]) for row in rows]
 
 
-def _check_tables(
-    cursor: psycopg.Cursor[tuple[Any, ...]],
-    events: str,
-    snapshots: str,
-    server: str,
-    *,
-    missing_ok: bool,
-) -> None:
-    for table, columns in ((events, EVENT_COLUMNS), (snapshots, SNAPSHOT_COLUMNS)):
-        found = _table_columns(cursor, table)
-        if found or not missing_ok:
-            check_columns(table, found, columns, f"at {server}")
-
-
 def _setup(
     raw: Connection, statements: Statements, events: str, snapshots: str, server: str
 ) -> None:
-    """Create the tables if needed and check that they are trio_es tables of our version."""
+    """Create the tables if needed, check that they are trio_es tables, migrate version 1."""
+    where = f"at {server}"
     with raw.cursor() as cursor:
         row = cursor.execute("SHOW server_encoding").fetchone()
         encoding = "" if row is None else str(row[0])
@@ -698,15 +861,34 @@ def _setup(
             )
         cursor.execute("BEGIN")
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK_KEY,))
+        cursor.execute(statements.create_schema_version)
+        row = cursor.execute(statements.select_schema_version, (events,)).fetchone()
+        version = None if row is None else row[0]
+        check_version_to_open(events, version, where)
         # Check tables that already exist before any DDL: an index on a foreign table
         # would fail with a message about a missing column instead.
-        _check_tables(cursor, events, snapshots, server, missing_ok=True)
+        found = _table_columns(cursor, events)
+        migrate = sorted(found) == sorted(EVENT_COLUMNS_V1)
+        if found and not migrate:
+            check_columns(events, found, EVENT_COLUMNS, where)
+        found = _table_columns(cursor, snapshots)
+        if found:
+            check_columns(snapshots, found, SNAPSHOT_COLUMNS, where)
+        if migrate:
+            logger.info("migrating table %r %s to schema version %d", events, where, SCHEMA_VERSION)
+            # A volatile default is evaluated per row: every stored event gets its own
+            # id, in the one rewrite of the table this costs. Later rows carry their own.
+            cursor.execute(
+                f"ALTER TABLE {events} ADD COLUMN event_id UUID NOT NULL DEFAULT gen_random_uuid()"
+            )
+            cursor.execute(f"ALTER TABLE {events} ALTER COLUMN event_id DROP DEFAULT")
         for ddl in statements.create:
             cursor.execute(ddl)
-        _check_tables(cursor, events, snapshots, server, missing_ok=False)
         cursor.execute(statements.insert_schema_version, (events, snapshots, SCHEMA_VERSION))
+        if version is not None and version < SCHEMA_VERSION:
+            cursor.execute(statements.update_schema_version, (SCHEMA_VERSION, events))
         row = cursor.execute(statements.select_schema_version, (events,)).fetchone()
-        check_schema_version(events, None if row is None else row[0], f"at {server}")
+        check_schema_version(events, None if row is None else row[0], where)
         cursor.execute("COMMIT")
 
 
@@ -848,12 +1030,6 @@ class PostgresStore(Generic[EventT, EntityT]):
     async def _run(self, fn: CallFn[T], doing: str) -> T:
         try:
             return await self._pool.run(fn)
-        except _CommitOutcomeUnknown as error:
-            raise EventStoreError(
-                f"lost the connection to PostgreSQL at {self.server} while committing "
-                f"({error}), so the commit may or may not have happened; reload the aggregate "
-                "to see which before repeating the command"
-            ) from error
         except psycopg.Error as error:
             raise _translate(error, doing=doing, server=self.server) from error
 
@@ -867,14 +1043,20 @@ class PostgresStore(Generic[EventT, EntityT]):
         costs no database call on exit. Reads inside the block see the latest committed
         data plus the transaction's own writes.
 
+        When the block exits normally and the call returns, the writes are committed,
+        also when the connection was lost after COMMIT and the store found out on a new
+        connection that the commit had landed.
+
         Raises (on exit):
             ConcurrencyConflict: another writer appended to one of the aggregates first;
                 nothing of this transaction was written.
-            TransactionFailed: a retryable failure (lost connection before COMMIT,
+            TransactionFailed: a retryable failure (lost connection before COMMIT, or
+                after it when the store made sure that nothing was committed;
                 serialization failure, deadlock, cancelled statement); nothing written.
+            CommitOutcomeUnknown: the connection was lost after COMMIT was sent and the
+                store could not find out whether it landed (server unreachable for
+                ``_RESOLVE_SECONDS``); it may or may not be stored. Never retried.
             EventStoreError: PostgreSQL refused the data or failed; nothing was written.
-                Or the connection broke while COMMIT was in flight, so the outcome is
-                unknown (the message says so).
         """
         tx: PostgresTransaction[EventT, EntityT] = PostgresTransaction(
             self, PendingWrites(self.transcoder, self.aggregate_type)
@@ -895,14 +1077,96 @@ class PostgresStore(Generic[EventT, EntityT]):
         await self._group_commit.commit(plan)
 
     async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
-        results = await self._run(
-            lambda raw, call: _commit(raw, call, plans), "committing a transaction"
-        )
+        try:
+            results = await self._run(
+                lambda raw, call: _commit(raw, call, plans), "committing a transaction"
+            )
+        except _CommitOutcomeUnknown as unknown:
+            results = await self._resolve(unknown)
+        else:
+            # A split batch (see _commit_each) reports a lost COMMIT per plan.
+            resolved: list[outcome.Outcome[None]] = []
+            for result in results:
+                if isinstance(result, outcome.Error) and isinstance(
+                    result.error, _CommitOutcomeUnknown
+                ):
+                    resolved.extend(await self._resolve(result.error))
+                else:
+                    resolved.append(result)
+            results = resolved
         return translate_outcomes(
             results,
             psycopg.Error,
             lambda error: _translate(error, doing="committing", server=self.server),
         )
+
+    async def _resolve(self, unknown: _CommitOutcomeUnknown) -> list[outcome.Outcome[None]]:
+        """The outcomes of ``unknown.plans``, one database transaction whose COMMIT was lost.
+
+        Never sends the plans again. Looks one event id of theirs up on a fresh
+        connection (one suffices: they were one transaction): found means committed,
+        absent means not (the old session is made to end first, so that it cannot
+        commit later), and no answer means ``CommitOutcomeUnknown``.
+        """
+        accepted = [
+            plan
+            for plan, result in zip(unknown.plans, unknown.results, strict=True)
+            if isinstance(result, outcome.Value)
+        ]
+        event_ids = [row.event_id for plan in accepted for row in plan.events]
+        landed: bool | None
+        if event_ids:
+            landed = await self._find_commit(event_ids[0], unknown.backend)
+        else:
+            # Nothing here can be stored twice: without snapshots the transaction wrote
+            # nothing either way; a snapshot may or may not have been replaced.
+            landed = None if any(plan.snapshots for plan in accepted) else False
+        if landed:
+            return unknown.results
+        return [
+            outcome.Error(self._unresolved(plan, unknown.reason, landed))
+            if isinstance(result, outcome.Value)
+            else result
+            for plan, result in zip(unknown.plans, unknown.results, strict=True)
+        ]
+
+    def _unresolved(self, plan: _Commit, reason: str, landed: bool | None) -> Exception:
+        aggregates = list(plan.expected) or [row.aggregate_id for row in plan.snapshots]
+        lost = f"lost the connection to PostgreSQL at {self.server} while committing ({reason})"
+        if landed is None:
+            return CommitOutcomeUnknown(
+                f"{lost} and could not find out on a new connection whether the commit "
+                f"landed (aggregates {', '.join(repr(a[:80]) for a in aggregates)})",
+                aggregate_id=aggregates[0][:80] if aggregates else None,
+            )
+        return TransactionFailed(
+            f"{lost}; a new connection showed that nothing was committed, retry it",
+            aggregate_id=aggregates[0][:80] if aggregates else None,
+        )
+
+    async def _find_commit(self, event_id: uuid.UUID, backend: _Backend | None) -> bool | None:
+        """Whether the commit holding ``event_id`` landed, asking until ``_RESOLVE_SECONDS``."""
+        with trio.move_on_after(_RESOLVE_SECONDS):
+            while True:
+                try:
+                    return await self._pool.run(
+                        lambda raw, call: _find_commit(
+                            raw, call, self._statements, self._lock_key, event_id, backend
+                        )
+                    )
+                except EventStoreError as error:  # the store was closed meanwhile
+                    logger.warning("cannot look a lost commit up: %s", error)
+                    return None
+                except (TransactionFailed, psycopg.Error) as error:
+                    # A lookup changes nothing: asking again, on a new connection, is safe.
+                    logger.info("looking a lost commit up failed, retrying: %s", error)
+                await trio.sleep(_RESOLVE_RETRY_SECONDS)
+        logger.warning(
+            "could not find out within %s s whether a commit to %s landed",
+            _RESOLVE_SECONDS,
+            self.server,
+        )
+        return None
 
     async def load_events(
         self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int
@@ -923,15 +1187,18 @@ class PostgresStore(Generic[EventT, EntityT]):
         self,
         tx: PostgresTransaction[EventT, EntityT],
         aggregate: Aggregate[EntityT],
-        events: Sequence[EventT],
+        events: Iterable[EventT],
         metadata: Metadata,
     ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
         """Encode ``events`` and buffer them after ``aggregate.sequence``.
 
+        ``events`` may be any iterable of events (a generator too); it is read once.
         The sequence check happens when the transaction commits (in the same database
         transaction as the write), so a conflict is raised when the block exits.
 
         Raises:
+            TypeError: ``events`` is None, not iterable, or a str, bytes or mapping;
+                nothing is buffered for this call.
             EventStoreError: an event or the metadata cannot be encoded or cannot be
                 held by PostgreSQL (a NUL character); nothing is buffered for this call,
                 and the transaction's other writes are kept.

@@ -4,7 +4,10 @@ Both the SQLite and the PostgreSQL store keep the same two tables (names configu
 and one bookkeeping table:
 
 ``events``
-    One row per event. ``global_position`` is the primary key and increases in commit
+    One row per event. ``event_id`` is a UUID the store gives each event when it is
+    staged, unique across the table: a commit whose outcome was lost with its connection
+    is resolved by looking one of its event ids up, and no event can ever be stored
+    twice. ``global_position`` is the primary key and increases in commit
     order across the whole table: a reader that paged through :meth:`read_all` up to
     position *p* never later sees a new event at a position <= *p*. (SQLite gets that
     from its single writer and ``INTEGER PRIMARY KEY``; PostgreSQL must serialize
@@ -18,9 +21,11 @@ and one bookkeeping table:
     replaced by each new one. Derived data: a snapshot that cannot be decoded is ignored.
 
 ``trio_es_schema_version``
-    One row per events table, with the layout version (:data:`SCHEMA_VERSION`) that the
-    tables were created with, so that a later release can migrate them. A store refuses
-    to open tables written by a newer layout.
+    One row per events table, with the layout version (:data:`SCHEMA_VERSION`) of its
+    tables. A store refuses to open tables written by a newer layout, and migrates
+    older ones in place when it opens them, in one transaction: version 1 had no
+    ``event_id`` column; opening it adds the column, gives every stored event a fresh
+    UUID, adds the unique index and sets the version to 2.
 
 ``aggregate_type`` lets several event-sourced systems share one pair of tables; every
 query of a store is restricted to its own type.
@@ -34,7 +39,8 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, Generic, Protocol, TypeVar, final
 
@@ -43,12 +49,14 @@ import outcome
 
 from ._errors import ConcurrencyConflict, EventStoreError
 from ._serialization import Transcoder
+from ._store import check_events as check_events
 from ._store import check_read_all as check_read_all
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot
 from ._types import StoredEvent as StoredEvent
 
 __all__ = [
     "EVENT_COLUMNS",
+    "EVENT_COLUMNS_V1",
     "SCHEMA_VERSION",
     "SCHEMA_VERSION_TABLE",
     "SNAPSHOT_COLUMNS",
@@ -64,10 +72,12 @@ __all__ = [
     "StoredEvent",
     "check_aggregate_type",
     "check_columns",
+    "check_events",
     "check_identifier",
     "check_read_all",
     "check_schema_version",
     "check_text",
+    "check_version_to_open",
     "decode_event_row",
     "decode_snapshot_row",
     "find_conflict",
@@ -87,8 +97,9 @@ ErrorT = TypeVar("ErrorT", bound=Exception)
 
 logger: Final = logging.getLogger("trio_es.serialization")
 
-#: The layout version this release creates and reads.
-SCHEMA_VERSION: Final = 1
+#: The layout version this release creates and reads (version 1, without ``event_id``,
+#: is migrated when opened).
+SCHEMA_VERSION: Final = 2
 #: The bookkeeping table; prefixed because it lives beside application tables.
 SCHEMA_VERSION_TABLE: Final = "trio_es_schema_version"
 #: The columns of the events table, in the order the statements use them.
@@ -102,7 +113,10 @@ EVENT_COLUMNS: Final = (
     "payload",
     "metadata",
     "recorded_at",
+    "event_id",
 )
+#: The columns of a version-1 events table (before ``event_id``), which opening migrates.
+EVENT_COLUMNS_V1: Final = EVENT_COLUMNS[:-1]
 #: The columns of the snapshots table.
 SNAPSHOT_COLUMNS: Final = (
     "aggregate_type",
@@ -194,6 +208,7 @@ class Dialect:
         integer_type: sequences and versions, e.g. ``"INTEGER"`` or ``"BIGINT"``.
         json_type: the payload and metadata columns, e.g. ``"TEXT"`` or ``"JSONB"``.
         timestamp_type: ``recorded_at``, e.g. ``"TEXT"`` (ISO 8601) or ``"TIMESTAMPTZ"``.
+        uuid_type: ``event_id``, e.g. ``"TEXT"`` (the canonical UUID string) or ``"UUID"``.
         json_parameter: a bound JSON-text parameter, e.g. ``"?"`` or ``"%s::jsonb"``.
         json_result: how a JSON column is selected so that the driver returns text,
             formatted with the column name, e.g. ``"{}"`` or ``"{}::text"``.
@@ -204,6 +219,7 @@ class Dialect:
     integer_type: str
     json_type: str
     timestamp_type: str
+    uuid_type: str
     json_parameter: str
     json_result: str = "{}"
 
@@ -212,6 +228,29 @@ def _derived_name(table: str, suffix: str) -> str:
     # Index names derive from the table name and must stay within the 63-char limit.
     name = f"{table}_{suffix}"
     return name if len(name) <= 63 else f"{table[: 62 - len(suffix)]}_{suffix}"
+
+
+def events_table_ddl(dialect: Dialect, table: str, *, if_not_exists: bool) -> str:
+    """``CREATE TABLE`` for an events table of the current layout named ``table``.
+
+    ``table`` must have passed :func:`check_identifier`. The SQLite store also uses it to
+    rebuild a version-1 table (SQLite cannot add a NOT NULL column without a default).
+    """
+    i = dialect.integer_type
+    return (
+        f"CREATE TABLE {'IF NOT EXISTS ' if if_not_exists else ''}{table} ("
+        f"global_position {dialect.position_type}, "
+        "aggregate_type TEXT NOT NULL, "
+        "aggregate_id TEXT NOT NULL, "
+        f"sequence {i} NOT NULL CHECK (sequence > 0), "
+        "event_type TEXT NOT NULL, "
+        f"event_version {i} NOT NULL, "
+        f"payload {dialect.json_type} NOT NULL, "
+        f"metadata {dialect.json_type} NOT NULL, "
+        f"recorded_at {dialect.timestamp_type} NOT NULL, "
+        f"event_id {dialect.uuid_type} NOT NULL, "
+        "UNIQUE (aggregate_type, aggregate_id, sequence))"
+    )
 
 
 @final
@@ -223,15 +262,23 @@ class Statements:
     order given there.
     """
 
-    #: DDL, idempotent, to run in one transaction on open.
+    #: The bookkeeping table's DDL, idempotent: run first on open, to read the version.
+    create_schema_version: str
+    #: DDL, idempotent, to run in one transaction on open (after a migration, if any).
     create: tuple[str, ...]
+    #: The name of the unique index on ``event_id``.
+    event_id_index: str
+    #: (events_table, version): sets the bookkeeping row's version (after a migration).
+    update_schema_version: str
     #: (events_table, snapshots_table, version): adds the bookkeeping row if missing.
     insert_schema_version: str
     #: (events_table,) -> (version,)
     select_schema_version: str
     #: (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-    #: metadata, recorded_at)
+    #: metadata, recorded_at, event_id)
     insert_event: str
+    #: (event_id,) -> one row if an event with that id is stored, else none
+    find_event_id: str
     #: (aggregate_type, aggregate_id) -> (max sequence or NULL,)
     max_sequence: str
     #: (aggregate_type, aggregate_id, start_from) -> (sequence, event_type,
@@ -269,22 +316,16 @@ class Statements:
             dialect.json_result.format("payload"),
             dialect.json_result.format("metadata"),
         )
+        event_id_index = _derived_name(events, "event_id")
         create = (
-            f"CREATE TABLE IF NOT EXISTS {events} ("
-            f"global_position {dialect.position_type}, "
-            "aggregate_type TEXT NOT NULL, "
-            "aggregate_id TEXT NOT NULL, "
-            f"sequence {i} NOT NULL CHECK (sequence > 0), "
-            "event_type TEXT NOT NULL, "
-            f"event_version {i} NOT NULL, "
-            f"payload {dialect.json_type} NOT NULL, "
-            f"metadata {dialect.json_type} NOT NULL, "
-            f"recorded_at {dialect.timestamp_type} NOT NULL, "
-            "UNIQUE (aggregate_type, aggregate_id, sequence))",
+            events_table_ddl(dialect, events, if_not_exists=True),
             # read_all filters by type and walks positions; without this index a store
             # whose type is rare in a shared table would scan everyone else's events.
             f"CREATE INDEX IF NOT EXISTS {_derived_name(events, 'type_position')} "
             f"ON {events} (aggregate_type, global_position)",
+            # An index rather than a column constraint, so that a new table and one
+            # migrated from version 1 end up alike.
+            f"CREATE UNIQUE INDEX IF NOT EXISTS {event_id_index} ON {events} (event_id)",
             f"CREATE TABLE IF NOT EXISTS {snapshots} ("
             "aggregate_type TEXT NOT NULL, "
             "aggregate_id TEXT NOT NULL, "
@@ -294,13 +335,19 @@ class Statements:
             f"payload {dialect.json_type} NOT NULL, "
             f"recorded_at {dialect.timestamp_type} NOT NULL, "
             "PRIMARY KEY (aggregate_type, aggregate_id))",
-            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} ("
-            "events_table TEXT PRIMARY KEY, "
-            "snapshots_table TEXT NOT NULL, "
-            f"version {i} NOT NULL)",
         )
         return cls(
+            create_schema_version=(
+                f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} ("
+                "events_table TEXT PRIMARY KEY, "
+                "snapshots_table TEXT NOT NULL, "
+                f"version {i} NOT NULL)"
+            ),
             create=create,
+            event_id_index=event_id_index,
+            update_schema_version=(
+                f"UPDATE {SCHEMA_VERSION_TABLE} SET version = {p} WHERE events_table = {p}"
+            ),
             insert_schema_version=(
                 f"INSERT INTO {SCHEMA_VERSION_TABLE} (events_table, snapshots_table, version) "
                 f"VALUES ({p}, {p}, {p}) ON CONFLICT (events_table) DO NOTHING"
@@ -310,9 +357,10 @@ class Statements:
             ),
             insert_event=(
                 f"INSERT INTO {events} (aggregate_type, aggregate_id, sequence, event_type, "
-                f"event_version, payload, metadata, recorded_at) "
-                f"VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, {p})"
+                f"event_version, payload, metadata, recorded_at, event_id) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, {p}, {p})"
             ),
+            find_event_id=f"SELECT 1 FROM {events} WHERE event_id = {p}",
             # Not MAX(sequence): with stale statistics (a young table, a cached generic
             # plan) PostgreSQL aggregates over every index entry of the stream, so each
             # commit cost O(stream). ORDER BY ... LIMIT 1 reads one index entry always.
@@ -351,7 +399,11 @@ class Statements:
 @final
 @attrs.frozen
 class EventRow:
-    """An encoded event waiting in a transaction; the store adds type and commit time."""
+    """An encoded event waiting in a transaction; the store adds type and commit time.
+
+    ``event_id`` is given when the event is staged and never changes, so a commit sent
+    twice carries the same ids and the unique index refuses the second copy.
+    """
 
     aggregate_id: str
     sequence: int
@@ -359,12 +411,16 @@ class EventRow:
     event_version: int
     payload: str
     metadata: str
+    event_id: uuid.UUID
 
-    def parameters(self, aggregate_type: str, recorded_at: object) -> tuple[object, ...]:
+    def parameters(
+        self, aggregate_type: str, recorded_at: object, *, text_ids: bool = False
+    ) -> tuple[object, ...]:
         """The row's parameters for :attr:`Statements.insert_event`.
 
         ``recorded_at`` is the commit time as the driver binds it (ISO text for SQLite,
-        a datetime for PostgreSQL): one value for every row of a commit.
+        a datetime for PostgreSQL): one value for every row of a commit. ``text_ids``
+        binds the event id as its canonical string (SQLite) instead of a ``UUID``.
         """
         return (
             aggregate_type,
@@ -375,6 +431,7 @@ class EventRow:
             self.payload,
             self.metadata,
             recorded_at,
+            str(self.event_id) if text_ids else self.event_id,
         )
 
 
@@ -436,15 +493,20 @@ class PendingWrites(Generic[EventT, EntityT]):
         return bool(self.expected or self.snapshots)
 
     def stage_events(
-        self, aggregate: Aggregate[EntityT], events: Sequence[EventT], metadata: Metadata
+        self, aggregate: Aggregate[EntityT], events: Iterable[EventT], metadata: Metadata
     ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
-        """Encode and buffer ``events`` after ``aggregate.sequence``.
+        """Encode and buffer ``events`` after ``aggregate.sequence``, each with a new id.
+
+        ``events`` may be any iterable (see :func:`check_events`); it is read once. A
+        refused call leaves the transaction as it was, so the caller may go on with it.
 
         Raises:
+            TypeError: ``events`` is not an iterable of events; nothing staged.
             ConcurrencyConflict: this transaction already staged events for the aggregate
                 and ``aggregate.sequence`` does not continue them.
             EventStoreError: an event or the metadata cannot be encoded; nothing staged.
         """
+        events = check_events(events)
         aggregate_id = check_text(aggregate.aggregate_id, "aggregate_id")
         if not aggregate_id:
             raise EventStoreError("aggregate_id must be a non-empty str (got '')")
@@ -474,6 +536,7 @@ class PendingWrites(Generic[EventT, EntityT]):
                     encoded.event_version,
                     encoded.payload,
                     metadata_text,
+                    uuid.uuid4(),
                 )
             )
             envelopes.append(
@@ -603,6 +666,22 @@ def check_columns(table: str, found: Sequence[str], expected: Sequence[str], whe
         raise EventStoreError(
             f"table {table!r} {where} is not a trio_es table (its columns are "
             f"{', '.join(found)}); choose another table name"
+        )
+
+
+def check_version_to_open(events_table: str, version: object, where: str) -> None:
+    """Refuse tables that this release can neither read nor migrate, before touching them.
+
+    ``version`` is the bookkeeping row's, or ``None`` when there is none yet (new tables).
+
+    Raises:
+        EventStoreError: ``version`` is newer than :data:`SCHEMA_VERSION`, or not a layout
+            version at all.
+    """
+    if version is not None and version not in range(1, SCHEMA_VERSION + 1):
+        raise EventStoreError(
+            f"table {events_table!r} {where} has schema version {version}, this trio_es "
+            f"reads versions up to {SCHEMA_VERSION}; use the trio_es release that wrote it"
         )
 
 

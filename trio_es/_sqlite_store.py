@@ -16,7 +16,15 @@ Cancellation: a thread call is never abandoned (its connection would be left mid
 When the calling task is cancelled, the store asks the running statement to stop
 (``sqlite3.Connection.interrupt``), stops waiting for a lock held by another process,
 rolls back whatever was begun, and only then lets ``trio.Cancelled`` through. A commit
-that had already reached ``COMMIT`` stays committed, as with any cancelled I/O.
+that had already reached ``COMMIT`` stays committed, as with any cancelled I/O: the
+caller gets ``Cancelled``, never a failure, for a commit that happened.
+
+A failed ``COMMIT``: SQLite commits locally, so the store can mostly tell. If the
+transaction is still open after the error, or the error is one that SQLite raises before
+it writes the commit (a full disk, a lock, an interrupt), nothing was committed and the
+error is reported as such. Any other error from ``COMMIT`` (an I/O error while syncing the
+write-ahead log, for instance) may come after the commit frame reached the file, where a
+later recovery finds it: the caller gets ``CommitOutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Generic, TypeVar, final
 
@@ -35,11 +44,12 @@ import attrs
 import outcome
 import trio
 
-from ._errors import ConcurrencyConflict, EventStoreError, TransactionFailed
+from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError, TransactionFailed
 from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
     EVENT_COLUMNS,
+    EVENT_COLUMNS_V1,
     SCHEMA_VERSION,
     SNAPSHOT_COLUMNS,
     Dialect,
@@ -55,6 +65,8 @@ from ._sql import (
     check_columns,
     check_schema_version,
     check_text,
+    check_version_to_open,
+    events_table_ddl,
     find_conflict,
     max_sequence,
     pending_writes,
@@ -79,6 +91,7 @@ _DIALECT: Final = Dialect(
     integer_type="INTEGER",
     json_type="TEXT",
     timestamp_type="TEXT",
+    uuid_type="TEXT",
     json_parameter="?",
 )
 _SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -91,8 +104,35 @@ _BUSY_SLICE_MS: Final = 50
 _CLOSE_TIMEOUT_S: Final = 30.0
 
 
+# Errors SQLite raises from COMMIT before it writes the commit: nothing was committed.
+_COMMIT_NOT_WRITTEN: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CONSTRAINT,
+    }
+)
+
+
 class _Interrupted(Exception):
     """Internal: a worker thread stopped because the calling task was cancelled."""
+
+
+class _CommitOutcomeUnknown(Exception):
+    """Internal: ``COMMIT`` failed in a way that may have come after the commit was written.
+
+    ``results`` are the batch's outcomes as they would have been had it committed (a
+    refused plan keeps its own error); the store turns each accepted plan's into
+    ``CommitOutcomeUnknown``.
+    """
+
+    def __init__(self, reason: str, results: list[outcome.Outcome[None]]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.results = results
 
 
 @attrs.define(eq=False)
@@ -238,7 +278,11 @@ def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> None:
     """Insert the events and upsert the snapshots of ``plans`` (all of one store)."""
     statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
     recorded_at = utc_text(utc_now())
-    rows = [row.parameters(aggregate_type, recorded_at) for plan in plans for row in plan.events]
+    rows = [
+        row.parameters(aggregate_type, recorded_at, text_ids=True)
+        for plan in plans
+        for row in plan.events
+    ]
     if rows:
         connection.executemany(statements.insert_event, rows)
     for plan in plans:
@@ -249,8 +293,27 @@ def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> None:
             )
 
 
+def _send_commit(connection: sqlite3.Connection, results: list[outcome.Outcome[None]]) -> None:
+    """``COMMIT``; raise ``_CommitOutcomeUnknown`` if its error leaves the outcome open."""
+    try:
+        connection.execute("COMMIT")
+    except sqlite3.Error as error:
+        # Still in the transaction: the commit did not happen (the caller rolls back).
+        if connection.in_transaction or _code(error) in _COMMIT_NOT_WRITTEN:
+            raise
+        raise _CommitOutcomeUnknown(str(error), results) from error
+
+
+def _is_event_id_violation(error: sqlite3.IntegrityError) -> bool:
+    return "UNIQUE" in str(error) and str(error).rstrip().endswith(".event_id")
+
+
 def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit) -> None:
-    """Check every expected sequence, write everything, commit; or write nothing."""
+    """Check every expected sequence, write everything, commit; or write nothing.
+
+    Returns normally when the plan's events are stored, also when they already were
+    (their ids are taken: the same plan was committed before).
+    """
     _begin_immediate(connection, interrupt, plan.busy_timeout_ms)
     try:
         conflict = _check(connection, plan, {})
@@ -259,12 +322,17 @@ def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit
         try:
             _write(connection, [plan])
         except sqlite3.IntegrityError as error:
+            if _is_event_id_violation(error):
+                # Ids are given once per staged event, so these events are stored
+                # already: the plan has committed before. Never a conflict.
+                _rollback(connection)
+                return
             # The checks above make this unreachable unless something wrote the table
             # without them; it is still a lost race on an aggregate's sequence.
             raise _conflict(connection, plan, error) from error
         if interrupt.requested:
             raise _Interrupted
-        connection.execute("COMMIT")
+        _send_commit(connection, [outcome.Value(None)])
     except BaseException:
         _rollback(connection)
         raise
@@ -292,7 +360,8 @@ def _commit_batch(
 
     A plan whose expected sequence is stale is refused alone. If the database refuses a
     row (which the checks make unreachable unless another program writes the table), the
-    batch is rolled back and each plan committed on its own, so only that plan fails.
+    batch is rolled back and each plan committed on its own, so only that plan fails;
+    each plan's outcome is then its own (committed, refused, or outcome unknown).
     """
     if len(plans) == 1:
         _commit(connection, interrupt, plans[0])
@@ -316,14 +385,34 @@ def _commit_batch(
                 _write(connection, accepted)
         except sqlite3.IntegrityError:
             _rollback(connection)
-            return [outcome.capture(_commit, connection, interrupt, plan) for plan in plans]
+            return _commit_each(connection, interrupt, plans)
         if interrupt.requested:
             raise _Interrupted
-        connection.execute("COMMIT")
+        _send_commit(connection, results)
         return results
     except BaseException:
         _rollback(connection)
         raise
+
+
+def _commit_each(
+    connection: sqlite3.Connection, interrupt: _Interrupt, plans: list[_Commit]
+) -> list[outcome.Outcome[None]]:
+    """Commit each plan of a refused batch alone; a plan's failure is its own outcome."""
+    results: list[outcome.Outcome[None]] = []
+    for plan in plans:
+        try:
+            _commit(connection, interrupt, plan)
+        except _CommitOutcomeUnknown as error:
+            results.append(outcome.Error(error))
+        except (sqlite3.Error, EventStoreError, TransactionFailed) as error:
+            if interrupt.requested:
+                # The caller is gone: Cancelled, not a failure, for the whole call.
+                raise
+            results.append(outcome.Error(error))
+        else:
+            results.append(outcome.Value(None))
+    return results
 
 
 def _conflict(connection: sqlite3.Connection, plan: _Commit, error: sqlite3.Error) -> Exception:
@@ -408,29 +497,62 @@ def _prepare(
     # Both values passed validation; PRAGMA arguments cannot be bound.
     connection.execute(f"PRAGMA synchronous={synchronous}")
     connection.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    where = f"in {path!r}"
     connection.execute("BEGIN IMMEDIATE")
     try:
+        connection.execute(statements.create_schema_version)
+        rows = connection.execute(statements.select_schema_version, (events_table,)).fetchall()
+        version = rows[0][0] if rows else None
+        check_version_to_open(events_table, version, where)
         # Check tables that already exist before any DDL touches them.
-        for table, columns in (
-            (events_table, EVENT_COLUMNS),
-            (snapshots_table, SNAPSHOT_COLUMNS),
-        ):
-            found = _table_columns(connection, table)
-            if found:
-                check_columns(table, found, columns, f"in {path!r}")
+        found = _table_columns(connection, events_table)
+        migrate = sorted(found) == sorted(EVENT_COLUMNS_V1)
+        if found and not migrate:
+            check_columns(events_table, found, EVENT_COLUMNS, where)
+        found = _table_columns(connection, snapshots_table)
+        if found:
+            check_columns(snapshots_table, found, SNAPSHOT_COLUMNS, where)
+        if migrate:
+            _migrate_v1(connection, events_table)
         for ddl in statements.create:
             connection.execute(ddl)
         connection.execute(
             statements.insert_schema_version, (events_table, snapshots_table, SCHEMA_VERSION)
         )
+        if version is not None and version < SCHEMA_VERSION:
+            connection.execute(statements.update_schema_version, (SCHEMA_VERSION, events_table))
         version = connection.execute(statements.select_schema_version, (events_table,)).fetchall()[
             0
         ][0]
-        check_schema_version(events_table, version, f"in {path!r}")
+        check_schema_version(events_table, version, where)
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)
         raise
+
+
+def _migrate_v1(connection: sqlite3.Connection, events_table: str) -> None:
+    """Give a version-1 events table its ``event_id`` column, a fresh UUID per event.
+
+    SQLite cannot add a NOT NULL column without a default, so the table is rebuilt:
+    copied into a new table of the current layout (positions kept), then swapped in.
+    Runs inside the caller's transaction; the indexes are created afterwards.
+    """
+    logger.info("migrating SQLite table %r to schema version %d", events_table, SCHEMA_VERSION)
+    # check_identifier allows 63 characters; the suffix must fit too.
+    rebuilt = f"{events_table[:40]}_trio_es_v2"
+    columns = ", ".join(EVENT_COLUMNS_V1)
+    connection.create_function("trio_es_uuid4", 0, lambda: str(uuid.uuid4()))
+    try:
+        connection.execute(events_table_ddl(_DIALECT, rebuilt, if_not_exists=False))
+        connection.execute(
+            f"INSERT INTO {rebuilt} ({columns}, event_id) "
+            f"SELECT {columns}, trio_es_uuid4() FROM {events_table} ORDER BY global_position"
+        )
+        connection.execute(f"DROP TABLE {events_table}")
+        connection.execute(f"ALTER TABLE {rebuilt} RENAME TO {events_table}")
+    finally:
+        connection.create_function("trio_es_uuid4", 0, None)
 
 
 def _open_reader(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -631,7 +753,11 @@ class SqliteStore(Generic[EventT, EntityT]):
         Raises (on exit):
             ConcurrencyConflict: another writer appended to one of the aggregates first;
                 nothing of this transaction was written.
-            TransactionFailed: the database stayed locked longer than ``busy_timeout_ms``.
+            TransactionFailed: the database stayed locked longer than ``busy_timeout_ms``;
+                nothing was written.
+            CommitOutcomeUnknown: ``COMMIT`` failed with an error (a disk I/O error, say)
+                that may have come after the commit reached the file: it may or may not
+                be stored. Never retried automatically.
             EventStoreError: SQLite failed; nothing was written.
         """
         tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(
@@ -652,9 +778,22 @@ class SqliteStore(Generic[EventT, EntityT]):
 
     async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
         doing = "committing a transaction"
-        results = await self._run(
-            self._writer, functools.partial(_commit_batch, plans=plans), doing
-        )
+        try:
+            results = await self._run(
+                self._writer, functools.partial(_commit_batch, plans=plans), doing
+            )
+        except _CommitOutcomeUnknown as unknown:
+            # The whole batch was one transaction: every plan it accepted shares its fate.
+            results = [
+                outcome.Error(unknown) if isinstance(result, outcome.Value) else result
+                for result in unknown.results
+            ]
+        results = [
+            outcome.Error(self._unknown(plan, result.error))
+            if isinstance(result, outcome.Error) and isinstance(result.error, _CommitOutcomeUnknown)
+            else result
+            for plan, result in zip(plans, results, strict=True)
+        ]
         return translate_outcomes(
             results,
             sqlite3.Error,
@@ -662,6 +801,17 @@ class SqliteStore(Generic[EventT, EntityT]):
                 error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
             ),
         )
+
+    def _unknown(self, plan: _Commit, error: _CommitOutcomeUnknown) -> CommitOutcomeUnknown:
+        aggregates = list(plan.expected) or [row.aggregate_id for row in plan.snapshots]
+        unknown = CommitOutcomeUnknown(
+            f"COMMIT failed in the SQLite database {self.path!r} ({error.reason}) at a point "
+            f"where the commit may already be in the file (aggregates "
+            f"{', '.join(repr(a[:80]) for a in aggregates)})",
+            aggregate_id=aggregates[0][:80] if aggregates else None,
+        )
+        unknown.__cause__ = error.__cause__
+        return unknown
 
     async def load_events(
         self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str, start_from: int
@@ -680,15 +830,18 @@ class SqliteStore(Generic[EventT, EntityT]):
         self,
         tx: SqliteTransaction[EventT, EntityT],
         aggregate: Aggregate[EntityT],
-        events: Sequence[EventT],
+        events: Iterable[EventT],
         metadata: Metadata,
     ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
         """Encode ``events`` and buffer them after ``aggregate.sequence``.
 
+        ``events`` may be any iterable of events (a generator too); it is read once.
         The sequence check happens when the transaction commits (in the same database
-        transaction as the write), so a conflict is raised when the block exits.
+        transaction as the write), so a conflict is raised when the block exits. A
+        refused call leaves the transaction as it was: its other writes still commit.
 
         Raises:
+            TypeError: ``events`` is None, not iterable, or a str, bytes or mapping.
             EventStoreError: an event or the metadata cannot be encoded; nothing is
                 buffered and nothing will be written for this call.
         """

@@ -9,13 +9,13 @@ holds the conformance suite.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._types import Aggregate, EventEnvelope, Metadata, Snapshot
 
-__all__ = ["EventStore", "check_read_all"]
+__all__ = ["EventStore", "check_events", "check_read_all"]
 
 TxT = TypeVar("TxT")
 EventT = TypeVar("EventT")
@@ -48,14 +48,24 @@ class EventStore(Protocol[TxT, EventT, EntityT]):
         self,
         tx: TxT,
         aggregate: Aggregate[EntityT],
-        events: Sequence[EventT],
+        events: Iterable[EventT],
         metadata: Metadata,
     ) -> tuple[Sequence[EventEnvelope[EventT]], int]:
         """Append ``events`` after ``aggregate.sequence``; return their envelopes, new sequence.
 
+        ``events`` may be any iterable (a generator too; see :func:`check_events`): it is
+        read once and every event is stored exactly once. A call that raises leaves the
+        transaction as it was, still usable: the runtime relies on that to fail only the
+        command whose events the store refused.
+
         Optimistic concurrency: the write is refused with ``ConcurrencyConflict`` when the
         stored sequence is not ``aggregate.sequence`` (now or when the transaction commits).
         ``metadata`` is stored with every event of the call.
+
+        Raises:
+            TypeError: ``events`` is not an iterable of events (see :func:`check_events`).
+            ConcurrencyConflict: the stored sequence is not ``aggregate.sequence``.
+            EventStoreError: the store cannot hold these events (e.g. not serializable).
         """
         ...
 
@@ -83,3 +93,26 @@ def check_read_all(after_position: object, limit: object) -> tuple[int, int]:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be an int >= 1 (got {limit!r})")
     return after_position, limit
+
+
+def check_events(events: object) -> list[Any]:
+    """``events`` as a list, read once: any iterable of events but a str, bytes or mapping.
+
+    Stores take any iterable (a generator too) and must store each event exactly once,
+    so they read it here, once, before anything is staged.
+
+    Raises:
+        TypeError: ``events`` is None, not iterable, or a str, bytes or mapping (which
+            iterate as characters, integers or keys, never as events).
+    """
+    if not isinstance(events, str | bytes | bytearray | memoryview | Mapping):
+        try:
+            iterator = iter(events)  # type: ignore[call-overload]
+        except TypeError:
+            pass
+        else:
+            return list(iterator)
+    raise TypeError(
+        f"events must be an iterable of events such as a list (got {type(events).__name__} "
+        f"{events!r:.80}); pass a list, e.g. [event] for one event or [] for none"
+    )

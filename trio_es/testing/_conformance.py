@@ -29,7 +29,7 @@ a transaction pass too.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final
 
 import attrs
@@ -134,7 +134,7 @@ async def _commit(
     store: Any,
     aggregate_id: str,
     sequence: int,
-    events: Sequence[Any],
+    events: Iterable[Any],
     metadata: Metadata = (),
 ) -> tuple[list[Any], int]:
     async with store.transaction() as tx:
@@ -256,6 +256,83 @@ class EventStoreConformance:
             loaded = await store.load_snapshot(tx, "acc")
             assert loaded is not None
             assert (loaded.entity, loaded.sequence) == (Counter(3), 2)
+
+    # -- what commit_events accepts --
+
+    async def test_any_iterable_of_events_is_stored_once(self, store: Any) -> None:
+        """A generator, tuple, map or dict view of events: each event stored once, enveloped."""
+        consumed: list[int] = []
+
+        def generate() -> Iterator[Added]:
+            for amount in (1, 2, 3):
+                consumed.append(amount)
+                yield Added(amount)
+
+        envelopes, sequence = await _commit(store, "gen", 0, generate())
+        assert consumed == [1, 2, 3]
+        assert (len(envelopes), sequence) == (3, 3)
+        _, sequence = await _commit(store, "gen", sequence, (Added(4), Added(5)))
+        _, sequence = await _commit(store, "gen", sequence, map(Added, [6]))
+        _, sequence = await _commit(store, "gen", sequence, {"k": Added(7)}.values())
+        _, sequence = await _commit(store, "gen", sequence, iter([]))
+        assert sequence == 7
+        loaded = await _load(store, "gen")
+        assert [(e.sequence, e.payload) for e in loaded] == [(n, Added(n)) for n in range(1, 8)]
+        assert _shape(envelopes) == _shape(loaded[:3])
+        if self.supports_read_all:
+            assert len(await store.read_all(0, 100)) == 7
+
+    @pytest.mark.parametrize(
+        "events",
+        [None, 5, Added(1), "Added", b"xy", {"a": Added(1)}],
+        ids=["None", "int", "event", "str", "bytes", "mapping"],
+    )
+    async def test_events_that_are_not_an_iterable_of_events_are_refused(
+        self, store: Any, events: object
+    ) -> None:
+        """None, a non-iterable, a str, bytes or a mapping: TypeError naming it, nothing staged."""
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("ok", _NO_ENTITY, 0), [Added(1)], ())
+            with pytest.raises(TypeError, match=r"events must be an iterable") as info:
+                await store.commit_events(tx, Aggregate("bad", _NO_ENTITY, 0), events, ())
+            assert type(events).__name__ in str(info.value)
+            # The transaction is unchanged and still usable, for "bad" too.
+            await store.commit_events(tx, Aggregate("bad", _NO_ENTITY, 0), [Added(2)], ())
+        assert [e.payload for e in await _load(store, "ok")] == [Added(1)]
+        assert [e.payload for e in await _load(store, "bad")] == [Added(2)]
+
+    async def test_refused_commit_events_leaves_the_transaction_usable(self, store: Any) -> None:
+        """A commit_events call that raises changes nothing; the block's other writes commit."""
+        await _commit(store, "acc", 0, [Added(1)])
+
+        def failing() -> Iterator[Added]:
+            yield Added(100)
+            raise ValueError("the domain broke while producing events")
+
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("other", _NO_ENTITY, 0), [Added(5)], ())
+            await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 1), [Added(2)], ())
+            with pytest.raises(ValueError, match="domain broke"):
+                await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 2), failing(), ())
+            # Staged events must be continued, not skipped or repeated.
+            with pytest.raises(ConcurrencyConflict):
+                await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 1), [Added(9)], ())
+            if self.supports_serialization:
+                with pytest.raises(EventStoreError, match="register"):
+                    await store.commit_events(
+                        tx, Aggregate("acc", _NO_ENTITY, 2), [Added(3), Unregistered("x")], ()
+                    )
+                with pytest.raises(EventStoreError, match="register"):
+                    await store.commit_events(
+                        tx, Aggregate("new", _NO_ENTITY, 0), [Unregistered("x")], ()
+                    )
+            inside = await store.load_events(tx, "acc", 0)
+            assert [(e.sequence, e.payload) for e in inside] == [(1, Added(1)), (2, Added(2))]
+            await store.commit_events(tx, Aggregate("acc", _NO_ENTITY, 2), [Added(3)], ())
+        loaded = await _load(store, "acc")
+        assert [(e.sequence, e.payload) for e in loaded] == [(n, Added(n)) for n in (1, 2, 3)]
+        assert [e.payload for e in await _load(store, "other")] == [Added(5)]
+        assert await _load(store, "new") == []
 
     # -- snapshots --
 
