@@ -62,10 +62,7 @@ from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError,
 from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
-    EVENT_COLUMNS,
-    EVENT_COLUMNS_V1,
     SCHEMA_VERSION,
-    SNAPSHOT_COLUMNS,
     Dialect,
     EventRow,
     PendingWrites,
@@ -76,7 +73,7 @@ from ._sql import (
     Statements,
     StoredEvent,
     check_aggregate_type,
-    check_columns,
+    check_existing_tables,
     check_schema_version,
     check_text,
     check_version_to_open,
@@ -865,15 +862,13 @@ def _setup(
         row = cursor.execute(statements.select_schema_version, (events,)).fetchone()
         version = None if row is None else row[0]
         check_version_to_open(events, version, where)
-        # Check tables that already exist before any DDL: an index on a foreign table
-        # would fail with a message about a missing column instead.
-        found = _table_columns(cursor, events)
-        migrate = sorted(found) == sorted(EVENT_COLUMNS_V1)
-        if found and not migrate:
-            check_columns(events, found, EVENT_COLUMNS, where)
-        found = _table_columns(cursor, snapshots)
-        if found:
-            check_columns(snapshots, found, SNAPSHOT_COLUMNS, where)
+        migrate = check_existing_tables(
+            events,
+            _table_columns(cursor, events),
+            snapshots,
+            _table_columns(cursor, snapshots),
+            where,
+        )
         if migrate:
             logger.info("migrating table %r %s to schema version %d", events, where, SCHEMA_VERSION)
             # A volatile default is evaluated per row: every stored event gets its own

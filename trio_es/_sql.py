@@ -72,6 +72,7 @@ __all__ = [
     "StoredEvent",
     "check_aggregate_type",
     "check_columns",
+    "check_existing_tables",
     "check_events",
     "check_identifier",
     "check_read_all",
@@ -683,6 +684,30 @@ def check_version_to_open(events_table: str, version: object, where: str) -> Non
             f"table {events_table!r} {where} has schema version {version}, this trio_es "
             f"reads versions up to {SCHEMA_VERSION}; use the trio_es release that wrote it"
         )
+
+
+def check_existing_tables(
+    events_table: str,
+    events_found: Sequence[str],
+    snapshots_table: str,
+    snapshots_found: Sequence[str],
+    where: str,
+) -> bool:
+    """Check the columns of tables that already exist; True when the events table needs
+    the migration from layout version 1 (no ``event_id``).
+
+    Run before any DDL: an index on a foreign table would fail with a message about a
+    missing column instead of this one.
+
+    Raises:
+        EventStoreError: a table exists with columns of neither layout.
+    """
+    migrate = sorted(events_found) == sorted(EVENT_COLUMNS_V1)
+    if events_found and not migrate:
+        check_columns(events_table, events_found, EVENT_COLUMNS, where)
+    if snapshots_found:
+        check_columns(snapshots_table, snapshots_found, SNAPSHOT_COLUMNS, where)
+    return migrate
 
 
 def check_schema_version(events_table: str, version: object, where: str) -> None:

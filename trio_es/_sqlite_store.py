@@ -48,10 +48,8 @@ from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError,
 from ._group_commit import GroupCommit
 from ._serialization import Transcoder
 from ._sql import (
-    EVENT_COLUMNS,
     EVENT_COLUMNS_V1,
     SCHEMA_VERSION,
-    SNAPSHOT_COLUMNS,
     Dialect,
     EventRow,
     PendingWrites,
@@ -62,7 +60,7 @@ from ._sql import (
     Statements,
     StoredEvent,
     check_aggregate_type,
-    check_columns,
+    check_existing_tables,
     check_schema_version,
     check_text,
     check_version_to_open,
@@ -504,14 +502,13 @@ def _prepare(
         rows = connection.execute(statements.select_schema_version, (events_table,)).fetchall()
         version = rows[0][0] if rows else None
         check_version_to_open(events_table, version, where)
-        # Check tables that already exist before any DDL touches them.
-        found = _table_columns(connection, events_table)
-        migrate = sorted(found) == sorted(EVENT_COLUMNS_V1)
-        if found and not migrate:
-            check_columns(events_table, found, EVENT_COLUMNS, where)
-        found = _table_columns(connection, snapshots_table)
-        if found:
-            check_columns(snapshots_table, found, SNAPSHOT_COLUMNS, where)
+        migrate = check_existing_tables(
+            events_table,
+            _table_columns(connection, events_table),
+            snapshots_table,
+            _table_columns(connection, snapshots_table),
+            where,
+        )
         if migrate:
             _migrate_v1(connection, events_table)
         for ddl in statements.create:
