@@ -26,7 +26,9 @@ Invariants of the bookkeeping (what the model check in ``trio_es.testing`` holds
    stops), so a caller's cancellation or a shutdown cannot separate a commit from its
    publication and its replies.
 5. **A batch is committed once.** It is never re-run after an error that leaves its
-   outcome open: ``CommitOutcomeUnknown`` is reported to its callers, not retried. Only
+   outcome open. On ``CommitOutcomeUnknown`` the task reads the stream: if it holds the
+   batch's own events (by event id) the batch landed and is answered and published as
+   committed; otherwise its callers get ``CommitOutcomeUnknown``, never a retry. Only
    ``TransactionFailed`` (nothing written) is retried, re-deciding the whole batch on
    freshly loaded state, with jittered exponential back-off.
 6. **Only bugs are crashes.** An exception from ``handle``/``apply`` crashes the task
@@ -613,6 +615,12 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                     await store.save_snapshot(
                         tx, Snapshot(self.aggregate_id, entity, at, utc_now())
                     )
+        except CommitOutcomeUnknown:
+            self.stale = True
+            if not await self._landed(published):
+                raise
+            # The store could not tell, but the stream holds this commit's own events
+            # (found by event id): it landed, so it is answered and published as such.
         except BaseException:
             self.stale = True
             raise
@@ -620,6 +628,28 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         if snapshot_due:
             self.has_snapshot = True
         return committed, published, refused
+
+    async def _landed(self, published: list[Sequence[EventEnvelope[EventT]]]) -> bool:
+        """Whether a commit whose outcome the store could not learn is in the stream now.
+
+        Only an event id is proof (another writer may have stored equal events), so a
+        store whose envelopes carry no ids, or a failed read, leaves it unknown (False).
+        """
+        event_id = next((e.event_id for envelopes in published for e in envelopes), None)
+        if event_id is None:
+            return False
+        store = self.shared.store
+        try:
+            async with store.transaction() as tx:
+                stored = await store.load_events(tx, self.aggregate_id, self.sequence)
+        except Exception as error:
+            logger.warning(
+                "aggregate %r: could not learn whether a commit landed: %r",
+                self.aggregate_id,
+                error,
+            )
+            return False
+        return any(envelope.event_id == event_id for envelope in stored)
 
     def _fail(
         self,

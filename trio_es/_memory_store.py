@@ -6,6 +6,7 @@ tail costs O(tail). Nothing survives the process; use it for tests and prototype
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
@@ -97,7 +98,9 @@ def _stage(
             actual_sequence=current,
         )
     envelopes = [
-        MemoryStoreEventEnvelope(aggregate_id, aggregate.sequence + i, event, metadata)
+        MemoryStoreEventEnvelope(
+            aggregate_id, aggregate.sequence + i, event, metadata, event_id=uuid.uuid4()
+        )
         for i, event in enumerate(events, start=1)
     ]
     if pending is None:

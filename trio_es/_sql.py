@@ -371,13 +371,13 @@ class Statements:
                 "ORDER BY sequence DESC LIMIT 1"
             ),
             select_events=(
-                f"SELECT sequence, event_type, event_version, {payload}, {metadata} "
+                f"SELECT sequence, event_type, event_version, {payload}, {metadata}, event_id "
                 f"FROM {events} WHERE aggregate_type = {p} AND aggregate_id = {p} "
                 f"AND sequence > {p} ORDER BY sequence"
             ),
             select_all=(
                 f"SELECT global_position, aggregate_id, sequence, event_type, event_version, "
-                f"{payload}, {metadata}, recorded_at FROM {events} "
+                f"{payload}, {metadata}, event_id, recorded_at FROM {events} "
                 f"WHERE aggregate_type = {p} AND global_position > {p} "
                 f"ORDER BY global_position LIMIT {p}"
             ),
@@ -549,6 +549,7 @@ class PendingWrites(Generic[EventT, EntityT]):
                     encoded.event_type,
                     encoded.event_version,
                     self.aggregate_type,
+                    event_id=rows[-1].event_id,
                 )
             )
         # Only now, with everything encoded, does the transaction change.
@@ -732,13 +733,13 @@ def decode_event_row(
     aggregate_id: str,
     row: Sequence[Any],
 ) -> SerializedEventEnvelope[Any]:
-    """Decode a ``(sequence, event_type, event_version, payload, metadata)`` row.
+    """Decode a ``(sequence, event_type, event_version, payload, metadata, event_id)`` row.
 
     Raises:
         EventStoreError: the payload or metadata cannot be decoded; the message names
             the aggregate, sequence, type and version.
     """
-    sequence, event_type, event_version, payload, metadata = row
+    sequence, event_type, event_version, payload, metadata, event_id = row
     return SerializedEventEnvelope(
         aggregate_id,
         sequence,
@@ -749,7 +750,15 @@ def decode_event_row(
         event_type,
         event_version,
         aggregate_type,
+        event_id=event_id if isinstance(event_id, uuid.UUID) else _parse_event_id(event_id),
     )
+
+
+def _parse_event_id(value: object) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise EventStoreError(f"stored event_id {value!r:.80} is not a UUID") from None
 
 
 def decode_snapshot_row(

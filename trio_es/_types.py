@@ -6,6 +6,7 @@ All of them are frozen attrs classes: safe to share between tasks, compared by v
 from __future__ import annotations
 
 import datetime
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
@@ -131,6 +132,9 @@ class MemoryStoreEventEnvelope(Generic[EventT]):
     sequence: int
     payload: EventT
     metadata: Metadata
+    #: The event's unique id, given when it was staged; it never changes. Not part of
+    #: equality: envelopes compare by their content, as before ids existed.
+    event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True, eq=False)
 
 
 @final
@@ -145,6 +149,9 @@ class SerializedEventEnvelope(Generic[EventT]):
     event_type: str
     event_version: int
     aggregate_type: str
+    #: The event's unique id, given when it was staged; it never changes (``None`` only
+    #: for envelopes built by hand). Not part of equality: envelopes compare by content.
+    event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True, eq=False)
 
 
 #: Either kind of stored event.

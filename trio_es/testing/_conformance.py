@@ -29,6 +29,7 @@ a transaction pass too.
 from __future__ import annotations
 
 import datetime
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final
 
@@ -196,6 +197,18 @@ class EventStoreConformance:
         envelopes, sequence = await _commit(store, "acc", 0, [Added(1), Added(2)], (("k", "v"),))
         assert sequence == 2
         assert _shape(envelopes) == _shape(await _load(store, "acc"))
+
+    async def test_every_event_has_a_unique_id_that_loads_return(self, store: Any) -> None:
+        """Envelopes carry a distinct event_id from commit on; loads and read_all return it."""
+        envelopes, _ = await _commit(store, "acc", 0, [Added(1), Added(2)])
+        more, _ = await _commit(store, "other", 0, [Added(3)])
+        ids = [e.event_id for e in [*envelopes, *more]]
+        assert all(isinstance(event_id, uuid.UUID) for event_id in ids)
+        assert len(set(ids)) == 3
+        assert [e.event_id for e in await _load(store, "acc")] == ids[:2]
+        if self.supports_read_all:
+            stored = await store.read_all(0, 10)
+            assert [s.envelope.event_id for s in stored] == ids
 
     async def test_commits_continue_the_sequence(self, store: Any) -> None:
         """Successive commits append after the previous one without gaps."""
