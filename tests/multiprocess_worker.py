@@ -13,6 +13,10 @@ MODE ``transfer`` moves money between two accounts in one store transaction per 
 (a withdrawal on one aggregate and a deposit on another: both written or neither).
 ``transfer:N`` runs N such tasks concurrently in the process, so that their commits are
 batched (group commit); each task makes COMMANDS transfers.
+MODE ``hammer:N`` runs N concurrent callers in the process, all depositing into the first
+ACCOUNT (opened beforehand), COMMANDS deposits each, through ``open_eventsourcing`` with
+the default ``RuntimeOptions`` and no retry of its own: any error reaching a caller makes
+the process fail.
 
 Every command carries the metadata ``("command_id", "<worker>-<n>")``. Once a command is
 acknowledged (its commit returned, or the domain refused it) the worker appends one JSON
@@ -192,6 +196,28 @@ async def run_transfers(
                 nursery.start_soon(transfer, store, log, prefix, task_rng, commands, accounts)
 
 
+async def run_hammer(
+    target: str, log: AckLog, worker: int, commands: int, account: str, callers: int
+) -> None:
+    """``callers`` tasks deposit into one account; the runtime's own retries must suffice."""
+    async with (
+        open_store(target) as store,
+        open_eventsourcing(
+            eventstore=store, handle=_bank.handle, apply=_bank.apply, empty_state=_bank.Account()
+        ) as es,
+    ):
+
+        async def caller(number: int) -> None:
+            for n in range(commands):
+                command_id = f"{worker}.{number}-{n}"
+                await es.execute(account, _bank.Deposit(1), [("command_id", command_id)])
+                log.ack(command_id, account, "ok")
+
+        async with trio.open_nursery() as nursery:
+            for number in range(callers):
+                nursery.start_soon(caller, number)
+
+
 def main(argv: list[str]) -> None:
     """Parse the command line and run the chosen mode."""
     mode, target, log_path, worker, seed, commands, *accounts = argv
@@ -199,10 +225,15 @@ def main(argv: list[str]) -> None:
     log = AckLog(log_path)
     if mode == "runtime":
         trio.run(run_commands, target, log, int(worker), rng, int(commands), accounts)
+    elif mode.startswith("hammer:"):
+        callers = int(mode.partition(":")[2])
+        trio.run(run_hammer, target, log, int(worker), int(commands), accounts[0], callers)
     else:
         name, _, tasks = mode.partition(":")
         if name != "transfer":
-            raise SystemExit(f"unknown mode {mode!r}: use runtime, transfer or transfer:N")
+            raise SystemExit(
+                f"unknown mode {mode!r}: use runtime, transfer, transfer:N or hammer:N"
+            )
         trio.run(
             run_transfers, target, log, int(worker), rng, int(commands), accounts, int(tasks or 1)
         )

@@ -41,7 +41,7 @@ from trio_es.postgres_store import PostgresStore
 from trio_es.serialization import Transcoder
 from trio_es.sqlite_store import SqliteStore
 
-from . import _counter, _pg
+from . import _bank, _counter, _ledger, _pg
 from ._counter import Append, Appended, SlowAppend
 
 # -- a few commands beyond the counter domain's, and a handle/apply that know them --
@@ -856,3 +856,40 @@ async def test_d13_mutating_apply_and_failed_commit_keep_cache_equal_to_store(
             aggregate = await es.load_aggregate("x")
             assert aggregate.entity == [e.payload.item for e in events]
             assert (aggregate.entity, aggregate.sequence) == (replayed, len(events))
+
+
+# -- D10 with real processes: four processes hammering one aggregate --
+
+
+async def _hammer_with_processes(target: str, tmp_path: Path, store: Any) -> None:
+    """Four processes x 8 callers x 6 deposits on one account: no error, all stored once."""
+    await _ledger.seed_accounts(store, ["hot"], seed_id=lambda _: "seed")
+    logs = [tmp_path / f"hammer-{n}.log" for n in range(4)]
+    commands = [
+        _ledger.worker_command("hammer:8", target, logs[n], n, n, 6, ["hot"]) for n in range(4)
+    ]
+    with trio.fail_after(120):
+        # Each worker exits non-zero if any error reaches any of its callers.
+        await _ledger.run_workers(commands)
+    stored = await _ledger.read_everything(store)
+    by_command = _ledger.check_ledger(stored)
+    acknowledged = {ack["id"] for ack in _ledger.acks(logs)}
+    assert len(acknowledged) == 4 * 8 * 6
+    assert set(by_command) == acknowledged | {"seed"}
+    assert all(len(envelopes) == 1 for key, envelopes in by_command.items() if key != "seed")
+
+
+async def test_d10_four_processes_hammering_one_aggregate_on_sqlite(tmp_path: Path) -> None:
+    """Four real processes on one SQLite file, default options: no caller sees an error."""
+    path = tmp_path / "hot.db"
+    async with SqliteStore.open(path, transcoder=_bank.bank_transcoder()) as store:
+        await _hammer_with_processes(str(path), tmp_path, store)
+
+
+@pytest.mark.postgres
+async def test_d10_four_processes_hammering_one_aggregate_on_postgres(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Four real processes on one PostgreSQL database, default options: no caller sees an error."""
+    async with PostgresStore.open(postgres_dsn, transcoder=_bank.bank_transcoder()) as store:
+        await _hammer_with_processes(postgres_dsn, tmp_path, store)
