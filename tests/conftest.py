@@ -1,4 +1,4 @@
-"""Shared test configuration: Hypothesis profiles for local runs, CI and thorough runs.
+"""Shared test configuration: Hypothesis profiles, and the PostgreSQL fixtures.
 
 The profile is chosen by the environment variable ``HYPOTHESIS_PROFILE``; without it,
 CI (``CI=true``) runs "ci" and everything else "dev", as before:
@@ -14,8 +14,12 @@ CI (``CI=true``) runs "ci" and everything else "dev", as before:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from . import _pg
 
 settings.register_profile(
     "ci",
@@ -36,3 +40,26 @@ settings.register_profile(
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev")
 )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The server DSN; skips without a reachable server, fails instead when CI=true."""
+    return _pg.require_server()
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_server: str) -> Iterator[_pg.Databases]:
+    """Makes the tests' databases ahead of need and drops them in the background."""
+    databases = _pg.Databases(postgres_server)
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_databases: _pg.Databases) -> Iterator[str]:
+    """The DSN of a fresh, empty database with a random name, force-dropped after the test."""
+    with postgres_databases.fresh() as dsn:
+        yield dsn

@@ -4,7 +4,7 @@ machine run against the real runtime on the memory, SQLite and PostgreSQL stores
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -328,13 +328,6 @@ def test_runtime_keeps_its_promises_on_the_sqlite_store(
         autojump_threshold=_THREAD_STORE_AUTOJUMP,
     )
     check.check()
-
-
-@pytest.fixture
-def postgres_dsn() -> Iterator[str]:
-    server = _pg.require_server()
-    with _pg.fresh_database(server) as dsn:
-        yield dsn
 
 
 _KILLER = "trio_es model check killer"

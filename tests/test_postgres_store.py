@@ -47,29 +47,6 @@ from . import _bank, _batching, _ledger, _pg
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """The server DSN; skips without a reachable server, fails instead when CI=true."""
-    return _pg.require_server()
-
-
-@pytest.fixture(scope="session")
-def postgres_databases(postgres_server: str) -> Iterator[_pg.Databases]:
-    """Makes the tests' databases ahead of need and drops them in the background."""
-    databases = _pg.Databases(postgres_server)
-    try:
-        yield databases
-    finally:
-        databases.close()
-
-
-@pytest.fixture
-def postgres_dsn(postgres_databases: _pg.Databases) -> Iterator[str]:
-    """The DSN of a fresh, empty database with a random name, force-dropped after the test."""
-    with postgres_databases.fresh() as dsn:
-        yield dsn
-
-
 @pytest.fixture
 def raw(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A plain autocommit connection to the test database, for inspection and faults.

@@ -41,7 +41,7 @@ from trio_es.postgres_store import PostgresStore
 from trio_es.serialization import Transcoder
 from trio_es.sqlite_store import SqliteStore
 
-from . import _bank, _counter, _ledger, _pg
+from . import _bank, _counter, _ledger
 from ._counter import Append, Appended, SlowAppend
 
 # -- a few commands beyond the counter domain's, and a handle/apply that know them --
@@ -168,29 +168,6 @@ def row_sql(path: Path, statement: str, *parameters: object) -> int:
 
 
 # -- PostgreSQL fixtures (as in test_postgres_store.py) --
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """The server DSN; skips without a reachable server, fails instead when CI=true."""
-    return _pg.require_server()
-
-
-@pytest.fixture(scope="session")
-def postgres_databases(postgres_server: str) -> Iterator[_pg.Databases]:
-    """Makes the tests' databases ahead of need and drops them in the background."""
-    databases = _pg.Databases(postgres_server)
-    try:
-        yield databases
-    finally:
-        databases.close()
-
-
-@pytest.fixture
-def postgres_dsn(postgres_databases: _pg.Databases) -> Iterator[str]:
-    """The DSN of a fresh, empty database, force-dropped after the test."""
-    with postgres_databases.fresh() as dsn:
-        yield dsn
 
 
 StoreOpener = Callable[[], AbstractAsyncContextManager[trio_es.EventStore[Any, Any, Any]]]
