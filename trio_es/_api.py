@@ -10,10 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-import outcome
-
-from ._errors import NonPositiveArgument
-from ._subject import Subject
+from ._subject import Subject, new_reply
 from ._types import (
     Aggregate,
     AggregateStats,
@@ -33,10 +30,10 @@ from ._types import (
     check_aggregate_id,
     metadata_tuple,
 )
+from ._validated import check_start_from
 
 __all__ = [
     "aggregate_stats",
-    "check_start_from",
     "execute",
     "execute_with_metadata",
     "execute_with_response",
@@ -44,26 +41,10 @@ __all__ = [
     "load_aggregate",
     "load_events",
     "load_events_from",
-    "new_reply",
     "system_stats",
 ]
 
 T = TypeVar("T")
-
-
-def new_reply(label: str) -> Reply[Any]:
-    """A mailbox for exactly one reply."""
-    reply: Subject[outcome.Outcome[Any]] = Subject(capacity=1, label=label)
-    return reply
-
-
-def check_start_from(start_from: object) -> int:
-    """Return ``start_from`` if it is an int >= 0, else raise."""
-    if isinstance(start_from, bool) or not isinstance(start_from, int):
-        raise TypeError(f"start_from must be an int >= 0 (got {start_from!r})")
-    if start_from < 0:
-        raise NonPositiveArgument(name="start_from", value=start_from, requirement="an int >= 0")
-    return start_from
 
 
 def _ask(es: Subject[Message], label: str, make: Callable[[Reply[T]], Message]) -> Reply[T]:

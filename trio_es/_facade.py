@@ -16,11 +16,10 @@ from typing import Any, Generic, TypeVar, final
 import attrs
 import trio
 
-from ._api import check_start_from, new_reply
 from ._errors import ActorTimeout, SystemStopped
 from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, _Runtime, build_runtime
 from ._store import EventStore
-from ._subject import Name, Subject, named_subject, new_name
+from ._subject import Name, Subject, named_subject, new_name, new_reply
 from ._types import (
     Aggregate,
     AggregateMessage,
@@ -39,7 +38,7 @@ from ._types import (
     check_aggregate_id,
     metadata_tuple,
 )
-from ._validated import Timeout
+from ._validated import Timeout, check_start_from
 
 __all__ = ["EventSourcing", "open_eventsourcing"]
 

@@ -134,6 +134,11 @@ class Subject(Generic[T]):
         return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
 
 
+def new_reply(label: str) -> Subject[outcome.Outcome[Any]]:
+    """A mailbox for exactly one reply (an ``outcome.Outcome``)."""
+    return Subject(capacity=1, label=label)
+
+
 def new_subject(*, capacity: int = DEFAULT_CAPACITY, label: str | None = None) -> Subject[Any]:
     """Make a new mailbox holding at most ``capacity`` messages.
 

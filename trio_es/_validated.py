@@ -8,7 +8,7 @@ import attrs
 
 from ._errors import NonPositiveArgument
 
-__all__ = ["Frequency", "Timeout", "frequency", "positive_int", "timeout"]
+__all__ = ["Frequency", "Timeout", "check_start_from", "frequency", "positive_int", "timeout"]
 
 
 def positive_int(name: str, value: object) -> int:
@@ -25,6 +25,20 @@ def positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise NonPositiveArgument(name=name, value=value)
     return value
+
+
+def check_start_from(start_from: object) -> int:
+    """Return ``start_from`` if it is an int >= 0, else raise.
+
+    Raises:
+        TypeError: ``start_from`` is not an ``int``.
+        NonPositiveArgument: ``start_from`` is negative.
+    """
+    if isinstance(start_from, bool) or not isinstance(start_from, int):
+        raise TypeError(f"start_from must be an int >= 0 (got {start_from!r})")
+    if start_from < 0:
+        raise NonPositiveArgument(name="start_from", value=start_from, requirement="an int >= 0")
+    return start_from
 
 
 def _check_timeout(_: object, __: object, value: int) -> None:
