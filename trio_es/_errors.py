@@ -1,7 +1,8 @@
-"""The errors trio_es raises, modelled on the seed's ``EventSourcingError`` variants.
+"""The errors trio_es raises, modelled on the Gleam eventsourcing package's
+``EventSourcingError`` variants.
 
 Every error is an :class:`EventSourcingError`, so ``except EventSourcingError`` catches all
-of them. Each keeps the seed's fields as attributes; extra context (which aggregate, which
+of them. Each keeps the Gleam variant's fields as attributes; extra context (which aggregate, which
 value) is optional keyword data that makes ``str()`` more useful without changing the type.
 """
 
@@ -107,19 +108,27 @@ class NonPositiveArgument(EventSourcingError, ValueError):
     name: str | None
     value: object
     requirement: str
+    hint: str
 
     def __init__(
-        self, *, name: str | None = None, value: object = None, requirement: str = "a positive int"
+        self,
+        *,
+        name: str | None = None,
+        value: object = None,
+        requirement: str = "a positive int",
+        hint: str = "",
     ) -> None:
         super().__init__(name, value)
         self.name = name
         self.value = value
         self.requirement = requirement
+        self.hint = hint
 
     def __str__(self) -> str:
         if self.name is None:
             return "argument must be positive"
-        return f"{self.name} must be {self.requirement} (got {self.value!r})"
+        hint = f"; {self.hint}" if self.hint else ""
+        return f"{self.name} must be {self.requirement} (got {self.value!r}){hint}"
 
 
 @final

@@ -84,6 +84,7 @@ from ._sql import (
     translate_outcomes,
 )
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+from ._validated import check_int
 
 __all__ = ["PostgresStore", "PostgresTransaction"]
 
@@ -888,9 +889,7 @@ def _setup(
 
 
 def _check_pool_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"pool_size must be an int >= 1 (got {value!r}); 4 suits most uses")
-    return value
+    return check_int("pool_size", value, minimum=1, hint="4 suits most uses")
 
 
 @final
@@ -1042,7 +1041,7 @@ class PostgresStore(Generic[EventT, EntityT]):
         also when the connection was lost after COMMIT and the store found out on a new
         connection that the commit had landed.
 
-        Raises (on exit):
+        Raises on exit:
             ConcurrencyConflict: another writer appended to one of the aggregates first;
                 nothing of this transaction was written.
             TransactionFailed: a retryable failure (lost connection before COMMIT, or

@@ -12,8 +12,8 @@ that must survive a restart (the mailboxes and backlogs, the map of live aggrega
 counters) lives in :class:`_Runtime`, outside the tasks, so a restarted task loses nothing.
 
 A message reaches its aggregate's mailbox one of two ways, and both wait for nothing but
-room: the seed's message API sends to the public subject and the router forwards it
-(``MailboxFull`` when the aggregate's mailbox is full, as the seed does); the awaiting
+room: the Gleam-style message API sends to the public subject and the router forwards it
+(``MailboxFull`` when the aggregate's mailbox is full, as the Gleam package does); the awaiting
 facade puts it straight into the aggregate's mailbox, waiting for room (backpressure).
 """
 
@@ -58,7 +58,7 @@ from ._types import (
     SnapshotConfig,
     SystemStats,
 )
-from ._validated import positive_int
+from ._validated import check_int, check_seconds, positive_int
 
 __all__ = ["Query", "RuntimeOptions", "supervised"]
 
@@ -91,13 +91,11 @@ _QUERY_BACKOFF: Final = 0.05
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{attribute.name} must be an int >= 0 (got {value!r})")
+    check_int(attribute.name, value, minimum=0)
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a positive number of seconds (got {value!r})")
+    check_seconds(attribute.name, value)
 
 
 def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:

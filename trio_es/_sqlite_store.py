@@ -73,6 +73,7 @@ from ._sql import (
     utc_text,
 )
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+from ._validated import check_int
 
 __all__ = ["SqliteStore", "SqliteTransaction"]
 
@@ -577,9 +578,7 @@ def _check_path(path: object) -> str:
 
 
 def _check_busy_timeout(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"busy_timeout_ms must be an int >= 0 (got {value!r})")
-    return value
+    return check_int("busy_timeout_ms", value, minimum=0)
 
 
 def _check_synchronous(value: object) -> str:
@@ -747,7 +746,7 @@ class SqliteStore(Generic[EventT, EntityT]):
         Leaving the block with an exception writes nothing. Reads inside the block see
         the latest committed data plus the transaction's own writes.
 
-        Raises (on exit):
+        Raises on exit:
             ConcurrencyConflict: another writer appended to one of the aggregates first;
                 nothing of this transaction was written.
             TransactionFailed: the database stayed locked longer than ``busy_timeout_ms``;

@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 from ._types import Aggregate, EventEnvelope, Metadata, Snapshot
+from ._validated import check_int
 
 __all__ = ["EventStore", "check_events", "check_read_all"]
 
@@ -31,7 +32,7 @@ class EventStore(Protocol[TxT, EventT, EntityT]):
     def transaction(self) -> AbstractAsyncContextManager[TxT]:
         """Open a transaction; it commits when the block exits normally.
 
-        Raises (on exit):
+        Raises on exit:
             ConcurrencyConflict: another writer appended to an aggregate this transaction
                 appended to; nothing of this transaction was written.
             EventStoreError: the store failed; nothing was written.
@@ -82,17 +83,12 @@ def check_read_all(after_position: object, limit: object) -> tuple[int, int]:
     """Validate ``read_all`` arguments: ``after_position >= 0`` and ``limit >= 1`` ints.
 
     Raises:
-        ValueError: either is not an int in range.
+        TypeError: either is not an int.
+        NonPositiveArgument: either is out of range (also a ``ValueError``).
     """
-    if (
-        isinstance(after_position, bool)
-        or not isinstance(after_position, int)
-        or after_position < 0
-    ):
-        raise ValueError(f"after_position must be an int >= 0 (got {after_position!r})")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be an int >= 1 (got {limit!r})")
-    return after_position, limit
+    return check_int("after_position", after_position, minimum=0), check_int(
+        "limit", limit, minimum=1
+    )
 
 
 def check_events(events: object) -> list[Any]:

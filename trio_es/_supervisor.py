@@ -43,6 +43,7 @@ import trio
 
 from ._errors import EventSourcingError
 from ._subject import Name
+from ._validated import check_int, check_seconds
 
 __all__ = [
     "ChildHandle",
@@ -94,24 +95,17 @@ def _is_number(value: object) -> bool:
 
 
 def _check_intensity(_: object, __: object, value: Any) -> None:
-    message = (
-        f"intensity must be an int >= 0 (got {value!r}); it is how many restarts the "
-        "supervisor allows within its period"
+    check_int(
+        "intensity",
+        value,
+        minimum=0,
+        hint="it is how many restarts the supervisor allows within its period",
     )
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(message)
-    if value < 0:
-        raise ValueError(message)
 
 
 def _check_seconds(what: str, *, allow_zero: bool) -> Callable[[object, object, Any], None]:
-    bound = ">= 0" if allow_zero else "> 0"
-
     def check(_: object, __: object, value: Any) -> None:
-        if not _is_number(value):
-            raise TypeError(f"{what} must be a number of seconds {bound} (got {value!r})")
-        if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(f"{what} must be a number of seconds {bound} (got {value!r})")
+        check_seconds(what, value, allow_zero=allow_zero)
 
     return check
 

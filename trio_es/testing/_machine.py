@@ -21,10 +21,20 @@ What the check asserts is listed on :class:`ModelCheck`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import math
 import secrets
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Generic, TypeAlias, TypeVar, final
 
@@ -816,7 +826,11 @@ class ModelCheck(Generic[CommandT, EventT, EntityT]):
         trace = _Trace(ids=[f"model-check-{token}-a{i}" for i in range(program.aggregates)])
         try:
             with trio.fail_after(_HANG_SECONDS * 2):
-                async with self.store_factory() as inner:
+                factory = self.store_factory()
+                if self.autojump_threshold > 0:
+                    factory = _held_while_entering_and_exiting(factory)
+                async with factory as real:
+                    inner = _ClockHoldingStore(real) if self.autojump_threshold > 0 else real
                     await self._run_system(program, trace, inner)
                     await self._read_store(program, trace, inner)
         except trio.TooSlowError:
@@ -968,6 +982,101 @@ class ModelCheck(Generic[CommandT, EventT, EntityT]):
             trace.streams[aggregate_id] = _seen(await _stored(inner, aggregate_id))
             async with inner.transaction() as tx:
                 trace.snapshots[aggregate_id] = await inner.load_snapshot(tx, aggregate_id)
+
+
+_T = TypeVar("_T")
+
+
+#: Per run: how many tasks hold the clock now, and the autojump threshold to restore.
+_holds: trio.lowlevel.RunVar[list[float]] = trio.lowlevel.RunVar("trio_es.testing.holds")
+
+
+@contextlib.contextmanager
+def _clock_held() -> Iterator[None]:
+    """No autojump of the mock clock while any task is inside such a block.
+
+    Counted, since several tasks (a group commit's) may be in store calls at once: the
+    threshold comes back only when the last one leaves.
+    """
+    clock = trio.lowlevel.current_clock()
+    if not isinstance(clock, trio.testing.MockClock):
+        yield
+        return
+    try:
+        holds = _holds.get()
+    except LookupError:
+        holds = [0, 0.0]
+        _holds.set(holds)
+    if holds[0] == 0:
+        holds[1] = clock.autojump_threshold
+        clock.autojump_threshold = math.inf
+    holds[0] += 1
+    try:
+        yield
+    finally:
+        holds[0] -= 1
+        if holds[0] == 0:
+            clock.autojump_threshold = holds[1]
+
+
+@asynccontextmanager
+async def _held_while_entering_and_exiting(
+    manager: AbstractAsyncContextManager[_T],
+) -> AsyncIterator[_T]:
+    """``manager`` (a store or a transaction, working in threads) with the clock held while
+    it is entered and exited, not in between."""
+    with _clock_held():
+        value = await manager.__aenter__()
+    try:
+        yield value
+    except BaseException as error:
+        with _clock_held():
+            suppressed = await manager.__aexit__(type(error), error, error.__traceback__)
+        if not suppressed:
+            raise
+    else:
+        with _clock_held():
+            await manager.__aexit__(None, None, None)
+
+
+@attrs.define(eq=False)
+class _ClockHoldingStore:
+    """A store that works in threads, with the mock clock's autojump off while it works.
+
+    Autojump moves the clock whenever every task has been blocked for the threshold of
+    real time; a task waiting for a worker thread counts as blocked, so a slow thread
+    call (an fsync, a loaded machine) would let the clock leap past call timeouts and
+    make the runtime look hung. Holding the clock during each store call keeps mock
+    time for the runtime's own timers only. The transaction body is not held: a slow
+    commit injected there sleeps on the mock clock.
+    """
+
+    inner: EventStore[Any, Any, Any]
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]:
+        return _held_while_entering_and_exiting(self.inner.transaction())
+
+    async def load_events(self, tx: Any, aggregate_id: str, start_from: int) -> Any:
+        with _clock_held():
+            return await self.inner.load_events(tx, aggregate_id, start_from)
+
+    async def commit_events(
+        self, tx: Any, aggregate: Aggregate[Any], events: Iterable[Any], metadata: Any
+    ) -> Any:
+        with _clock_held():
+            return await self.inner.commit_events(tx, aggregate, events, metadata)
+
+    async def load_snapshot(self, tx: Any, aggregate_id: str) -> Any:
+        with _clock_held():
+            return await self.inner.load_snapshot(tx, aggregate_id)
+
+    async def save_snapshot(self, tx: Any, snapshot: Snapshot[Any]) -> None:
+        with _clock_held():
+            await self.inner.save_snapshot(tx, snapshot)
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> Any:
+        with _clock_held():
+            return await self.inner.read_all(after_position, limit)  # type: ignore[attr-defined]
 
 
 async def _stored(inner: EventStore[Any, Any, Any], aggregate_id: str) -> Sequence[Any]:
