@@ -213,7 +213,7 @@ async def run_bank_twice(
 ) -> tuple[Any, Any]:
     """Open, deposit 50, withdraw 20; reopen, deposit 5: the reopened aggregate and snapshot."""
 
-    async def run(commands: list[Any]) -> Any:
+    async def run(commands: list[Any]) -> tuple[Any, Any]:
         async with (
             open_store() as store,
             open_eventsourcing(

@@ -33,9 +33,8 @@ import random
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import _bank
 import trio
 
 from trio_es import (
@@ -47,6 +46,13 @@ from trio_es import (
     frequency,
     open_eventsourcing,
 )
+
+# Run as a script with tests/ on sys.path, the domain is the top-level module `_bank`;
+# mypy checks tests/ as the `tests` package.
+if TYPE_CHECKING:
+    from tests import _bank
+else:
+    import _bank
 
 
 class AckLog:

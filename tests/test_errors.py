@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import pytest
@@ -246,3 +247,16 @@ def test_a_bare_domain_error_does_not_repeat_itself() -> None:
     """str(DomainError()) says 'domain error' once."""
     assert str(DomainError()) == "domain error"
     assert str(Overdrawn()) == "domain error: Overdrawn"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [sample for sample in SAMPLES if isinstance(sample, EventSourcingError)],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_error_survives_pickling(error: BaseException) -> None:
+    """Each trio_es error pickles and unpickles to the same type, message and attributes."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error)
+    assert vars(copy).keys() == vars(error).keys()

@@ -80,7 +80,7 @@ def test_model_runs_commands_one_at_a_time() -> None:
 
 def test_model_materialises_handle_output_once() -> None:
     """A handle that returns a generator gives its events once, as the runtime must."""
-    model = ReferenceModel(
+    model: ReferenceModel[int, Deposited, Ledger] = ReferenceModel(
         handle=lambda entity, n: (Deposited(i) for i in range(n)),
         apply=LEDGER.apply,
         empty_state=Ledger(),
@@ -239,7 +239,7 @@ class FakeLossyStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
-        tx = {"inner": None, "wrote": False}
+        tx: dict[str, Any] = {"inner": None, "wrote": False}
         async with self.inner.transaction() as inner:
             tx["inner"] = inner
             yield tx

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import outcome
 import psycopg
@@ -29,6 +29,7 @@ from trio_es import (
     CommitOutcomeUnknown,
     ConcurrencyConflict,
     EventStoreError,
+    SerializedEventEnvelope,
     TransactionFailed,
 )
 from trio_es._sql import EventRow
@@ -331,7 +332,8 @@ async def test_aggregate_types_share_tables_without_mixing(postgres_dsn: str) ->
             await users.save_snapshot(tx, Snapshot("42", Counter(5), 2, utc_now()))
         assert [e.payload for e in await _load(orders, "42")] == [Added(1)]
         stored = await _ledger.read_everything(users)
-        assert [s.envelope.aggregate_type for s in stored] == ["users"] * 2
+        envelopes = [cast(SerializedEventEnvelope[Any], s.envelope) for s in stored]
+        assert [envelope.aggregate_type for envelope in envelopes] == ["users"] * 2
         async with orders.transaction() as tx:
             assert await orders.load_snapshot(tx, "42") is None
 
@@ -796,7 +798,7 @@ async def test_lost_commit_while_a_refused_batch_is_split_is_resolved_per_plan(
         aggregate_id[:8]: (
             stored.get(aggregate_id) == 1
             if isinstance(result, outcome.Value)
-            else isinstance(result.error, TransactionFailed | EventStoreError)
+            else isinstance(cast(outcome.Error, result).error, TransactionFailed | EventStoreError)
             and aggregate_id not in stored
         )
         for aggregate_id, result in results.items()

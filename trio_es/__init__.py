@@ -4,10 +4,14 @@ Commands go to aggregates, each served by one supervised task that keeps its sta
 cached; committed events are kept in an append-only store and fed to read models
 (queries). Modelled on the Gleam ``eventsourcing`` package.
 
-Two ways in: the seed's message API (``supervised``, ``execute``, ``receive`` ...) and the
-awaiting facade ``open_eventsourcing``. Stores live in submodules
-(``trio_es.memory_store``); supervision trees in ``trio_es.supervision``.
+Two ways in: the Gleam package's message API (``supervised``, ``execute``, ``receive`` ...)
+and the awaiting facade ``open_eventsourcing``. Stores live in submodules
+(``trio_es.memory_store``); supervision trees in ``trio_es.supervision``. The Gleam
+package's spellings ``EventEnvelop``, ``MemoryStoreEventEnvelop`` and
+``SerializedEventEnvelop`` are aliases, so that ported code imports unchanged.
 """
+
+import inspect as _stdlib_inspect
 
 from ._api import aggregate_stats as aggregate_stats
 from ._api import execute as execute
@@ -49,6 +53,7 @@ from ._supervisor import SupervisorGaveUp as SupervisorGaveUp
 from ._types import Aggregate as Aggregate
 from ._types import AggregateMessage as AggregateMessage
 from ._types import AggregateStats as AggregateStats
+from ._types import EventEnvelope as EventEnvelop
 from ._types import EventEnvelope as EventEnvelope
 from ._types import ExecuteCommand as ExecuteCommand
 from ._types import ExecuteCommandWithResponse as ExecuteCommandWithResponse
@@ -58,11 +63,13 @@ from ._types import LoadAggregate as LoadAggregate
 from ._types import LoadAllEvents as LoadAllEvents
 from ._types import LoadEvents as LoadEvents
 from ._types import LoadLatestSnapshot as LoadLatestSnapshot
+from ._types import MemoryStoreEventEnvelope as MemoryStoreEventEnvelop
 from ._types import MemoryStoreEventEnvelope as MemoryStoreEventEnvelope
 from ._types import Message as Message
 from ._types import Metadata as Metadata
 from ._types import ProcessEvents as ProcessEvents
 from ._types import Reply as Reply
+from ._types import SerializedEventEnvelope as SerializedEventEnvelop
 from ._types import SerializedEventEnvelope as SerializedEventEnvelope
 from ._types import Snapshot as Snapshot
 from ._types import SnapshotConfig as SnapshotConfig
@@ -72,5 +79,95 @@ from ._validated import Frequency as Frequency
 from ._validated import Timeout as Timeout
 from ._validated import frequency as frequency
 from ._validated import timeout as timeout
+
+__all__ = [
+    "ActorTimeout",
+    "Aggregate",
+    "AggregateCrashed",
+    "AggregateMessage",
+    "AggregateStats",
+    "CommitOutcomeUnknown",
+    "ConcurrencyConflict",
+    "DEFAULT_CAPACITY",
+    "DomainError",
+    "EntityNotFound",
+    "EventEnvelop",
+    "EventEnvelope",
+    "EventSourcing",
+    "EventSourcingError",
+    "EventStore",
+    "EventStoreError",
+    "ExecuteCommand",
+    "ExecuteCommandWithResponse",
+    "Frequency",
+    "GetAggregateStats",
+    "GetSystemStats",
+    "LoadAggregate",
+    "LoadAllEvents",
+    "LoadEvents",
+    "LoadLatestSnapshot",
+    "MailboxFull",
+    "MemoryStoreEventEnvelop",
+    "MemoryStoreEventEnvelope",
+    "Message",
+    "Metadata",
+    "Name",
+    "NonPositiveArgument",
+    "ProcessEvents",
+    "Query",
+    "Reply",
+    "RuntimeOptions",
+    "SerializedEventEnvelop",
+    "SerializedEventEnvelope",
+    "Snapshot",
+    "SnapshotConfig",
+    "StoredEvent",
+    "Subject",
+    "SupervisorGaveUp",
+    "SystemStats",
+    "SystemStopped",
+    "Timeout",
+    "TransactionFailed",
+    "TransactionRolledBack",
+    "aggregate_stats",
+    "describe_error",
+    "execute",
+    "execute_with_metadata",
+    "execute_with_response",
+    "frequency",
+    "latest_snapshot",
+    "load_aggregate",
+    "load_events",
+    "load_events_from",
+    "named_subject",
+    "new_name",
+    "new_subject",
+    "open_eventsourcing",
+    "receive",
+    "supervised",
+    "system_stats",
+    "timeout",
+]
+
+
+def _claim_public_names(namespace: dict[str, object], names: list[str], module: str) -> None:
+    """Make the classes and functions in ``names`` say they live in ``module``.
+
+    Public names then show their public module in reprs, tracebacks and pickles, as Trio's do
+    (``trio_es.DomainError``, not ``trio_es._errors.DomainError``); pickle finds them there.
+    Only objects still naming a private module are changed, so a name re-exported by a public
+    submodule keeps the module that claimed it first (``trio_es`` is always imported first).
+    Unions and other aliases have no module of their own and are left alone.
+    """
+    for name in names:
+        obj = namespace[name]
+        if not (_stdlib_inspect.isclass(obj) or _stdlib_inspect.isfunction(obj)):
+            continue
+        parts = obj.__module__.split(".")
+        if parts[0] == "trio_es" and any(part.startswith("_") for part in parts):
+            obj.__module__ = module
+
+
+_claim_public_names(globals(), __all__, __name__)
 
 __version__ = "0.1.0"

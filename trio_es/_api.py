@@ -1,4 +1,6 @@
-"""The seed's message-passing API: synchronous functions that send to the eventsourcing subject.
+"""The message-passing API of the Gleam eventsourcing package, on Trio: functions that send.
+
+They are synchronous and send to the eventsourcing subject.
 
 None of them waits. Those that expect an answer return a reply subject; read it with
 ``await receive(subject, timeout)``, which returns the value or raises the error the

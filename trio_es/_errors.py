@@ -9,7 +9,7 @@ value) is optional keyword data that makes ``str()`` more useful without changin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import final
+from typing import Any, final
 
 __all__ = [
     "ActorTimeout",
@@ -29,6 +29,16 @@ __all__ = [
 ]
 
 
+def _restore(
+    cls: type[BaseException], args: tuple[Any, ...], cause: BaseException | None
+) -> BaseException:
+    """Unpickle an error without calling its ``__init__`` (see ``__reduce__``)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__cause__ = cause
+    return error
+
+
 def _about(aggregate_id: str | None) -> str:
     return "" if aggregate_id is None else f" (aggregate {aggregate_id!r})"
 
@@ -39,6 +49,13 @@ class EventSourcingError(Exception):
     ``str()`` is a sentence that stands alone (it names what went wrong, for logs that do
     not show the type); :meth:`describe` is the one line :func:`describe_error` gives.
     """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Many errors take keyword-only arguments, which the default pickling (calling
+        # the class with ``args``) cannot pass: rebuild from the attributes instead.
+        # The state comes third, applied after the error is made, so an attribute that
+        # refers to the error itself (a bare DomainError's ``error``) pickles too.
+        return (_restore, (type(self), self.args, self.__cause__), dict(self.__dict__))
 
     def describe(self) -> str:
         """A one-line description, ``TypeName: message``, as :func:`describe_error` gives.

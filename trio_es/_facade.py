@@ -10,7 +10,7 @@ bounded by the mailboxes plus one message per waiting caller), then waits for th
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import attrs
@@ -172,8 +172,7 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
         return stats
 
 
-@asynccontextmanager
-async def open_eventsourcing(
+def open_eventsourcing(
     *,
     eventstore: EventStore[Any, EventT, EntityT],
     handle: HandleFn[EntityT, CommandT, EventT],
@@ -184,7 +183,7 @@ async def open_eventsourcing(
     options: RuntimeOptions | None = None,
     name: Name[Message] | None = None,
     call_timeout: Timeout | int | None = 30_000,
-) -> AsyncIterator[EventSourcing[CommandT, EventT, EntityT]]:
+) -> AbstractAsyncContextManager[EventSourcing[CommandT, EventT, EntityT]]:
     """Run an eventsourcing system for the duration of an ``async with`` block.
 
     Takes the arguments of :func:`trio_es.supervised` (``name`` is optional here), plus
@@ -209,11 +208,21 @@ async def open_eventsourcing(
         snapshot_config=snapshot_config,
         options=options,
     )
+    # A plain function around a private generator: mypy infers the type parameters from
+    # every argument at once this way (an @asynccontextmanager function loses that).
+    return _running(runtime, limit)
+
+
+@asynccontextmanager
+async def _running(
+    runtime: _Runtime[CommandT, EventT, EntityT], limit: Timeout | None
+) -> AsyncIterator[EventSourcing[CommandT, EventT, EntityT]]:
+    """Run ``runtime``'s supervision tree while the block runs; stop it afterwards."""
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(runtime.spec().start)
             try:
-                yield EventSourcing(named_subject(name), limit, runtime)
+                yield EventSourcing(named_subject(runtime.name), limit, runtime)
             finally:
                 # Calls from now on fail at once; commits under way get a grace period.
                 runtime.begin_stop()

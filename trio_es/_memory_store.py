@@ -316,7 +316,7 @@ def supervised(
     snapshot_name: Name[Any],
     strategy: Strategy = Strategy.ONE_FOR_ONE,
 ) -> tuple[SupervisedMemoryStore[Any, Any], ChildSpecification]:
-    """Build the seed's supervised memory store: two actors under one supervisor.
+    """Build the Gleam package's supervised memory store: two actors under one supervisor.
 
     Returns the store and the child specification to start under your supervision tree;
     the store's calls are answered once that supervisor runs.

@@ -23,7 +23,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, Protocol, TypeVar, final
 
 import attrs
 import outcome
@@ -68,10 +68,34 @@ CommandT = TypeVar("CommandT")
 EventT = TypeVar("EventT")
 EntityT = TypeVar("EntityT")
 
-#: ``handle(entity, command) -> events``; plain or async. Raise ``DomainError`` to reject.
-HandleFn = Callable[[EntityT, CommandT], Sequence[EventT] | Awaitable[Sequence[EventT]]]
-#: ``apply(entity, event) -> entity``; pure.
-ApplyFn = Callable[[EntityT, EventT], EntityT]
+_EntityT_contra = TypeVar("_EntityT_contra", contravariant=True)
+_CommandT_contra = TypeVar("_CommandT_contra", contravariant=True)
+_EventT_co = TypeVar("_EventT_co", covariant=True)
+_EventT_contra = TypeVar("_EventT_contra", contravariant=True)
+
+
+# Protocols rather than Callable aliases, for inference: mypy fixes a type variable from
+# plain arguments before it looks at Callable-typed ones, so with Callable aliases
+# ``empty_state=()`` would pin the state to ``tuple[()]`` and then refuse an
+# ``apply(state: tuple[str, ...], ...)``; with protocols every argument counts at once.
+class HandleFn(Protocol[_EntityT_contra, _CommandT_contra, _EventT_co]):
+    """``handle(entity, command) -> events``; plain or async. Raise ``DomainError`` to reject.
+
+    Any iterable of events is accepted at run time (a generator is read once); the type
+    says ``Sequence`` because that is what a handle usually returns.
+    """
+
+    def __call__(
+        self, entity: _EntityT_contra, command: _CommandT_contra, /
+    ) -> Sequence[_EventT_co] | Awaitable[Sequence[_EventT_co]]: ...
+
+
+class ApplyFn(Protocol[EntityT, _EventT_contra]):
+    """``apply(entity, event) -> entity``; pure: return a new entity, change nothing."""
+
+    def __call__(self, entity: EntityT, event: _EventT_contra, /) -> EntityT: ...
+
+
 #: ``fn(aggregate_id, envelopes)``; plain or async.
 QueryFn = Callable[[str, Sequence[EventEnvelope[Any]]], object]
 #: A read model: the name of its mailbox and the function fed with each commit's events.

@@ -192,7 +192,7 @@ def named_subject(name: Name[T]) -> Subject[T]:
     return subject
 
 
-# The seed's signature takes a timeout argument; it is applied with trio.fail_after.
+# The Gleam package's signature takes a timeout argument; it is applied with trio.fail_after.
 @overload
 async def receive(subject: Subject[outcome.Outcome[T]], timeout: Timeout | int) -> T: ...  # noqa: ASYNC109
 @overload

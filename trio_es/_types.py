@@ -181,8 +181,8 @@ class SystemStats:
 
     ``total_commands_processed`` counts accepted commands and commands the domain
     rejected (a :class:`~trio_es.DomainError` is a normal outcome). ``live_aggregates``
-    (not in the seed) counts the aggregate tasks alive now, holding cached state: it
-    falls as idle aggregates stop. ``failed_queries`` (not in the seed) names the queries
+    (not in the Gleam package) counts the aggregate tasks alive now, holding cached state: it
+    falls as idle aggregates stop. ``failed_queries`` (not in the Gleam package) names the queries
     that kept raising and were stopped; commands go on without them.
     """
 

@@ -16,6 +16,7 @@ A supervisor that restarts its children too often gives up with
 :class:`SupervisorGaveUp`, which its own supervisor treats as a failed child.
 """
 
+from . import _claim_public_names
 from ._supervisor import ChildHandle as ChildHandle
 from ._supervisor import ChildSpecification as ChildSpecification
 from ._supervisor import DynamicSupervisor as DynamicSupervisor
@@ -35,3 +36,5 @@ __all__ = [
     "SupervisorGaveUp",
     "worker",
 ]
+
+_claim_public_names(globals(), __all__, __name__)
