@@ -8,6 +8,7 @@ import pickle
 import sys
 import traceback
 import types
+import typing
 
 import pytest
 
@@ -168,3 +169,24 @@ def test_public_errors_still_pickle() -> None:
     assert pickle.loads(pickle.dumps(aggregate)) == aggregate
     assert b"trio_es._" not in pickle.dumps(aggregate)
     assert "trio_es._errors" in sys.modules  # the private modules are still where code lives
+
+
+@pytest.mark.parametrize(
+    "module_name",
+    [
+        "trio_es",
+        "trio_es.memory_store",
+        "trio_es.sqlite_store",
+        "trio_es.postgres_store",
+        "trio_es.serialization",
+        "trio_es.supervision",
+        "trio_es.testing",
+    ],
+)
+def test_type_hints_of_public_names_resolve(module_name: str) -> None:
+    """get_type_hints works on every public class and function after the module move."""
+    module = importlib.import_module(module_name)
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            typing.get_type_hints(obj)

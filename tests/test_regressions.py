@@ -213,28 +213,39 @@ async def test_d2_handle_returning_a_generator_stores_every_event(open_store: St
             assert (await fresh.load_aggregate("x")).entity == ("a", "b", "c", "d")
 
 
+async def _bad_command_among_queued_ones(
+    es: Any, bad: Any, slow_seconds: float
+) -> tuple[outcome.Outcome[Any], dict[str, outcome.Outcome[Any]]]:
+    """Queue ``bad`` between good commands behind a slow one on aggregate "x" (holding "a").
+
+    Returns the bad command's outcome and the others' ("slow", "c", "d").
+    """
+    await es.execute("x", Append(("a",)))
+    results: dict[str, outcome.Outcome[Any]] = {}
+
+    async def call(key: str, command: Any) -> None:
+        results[key] = await capture(lambda: es.execute("x", command))
+
+    async with trio.open_nursery() as nursery:
+        # A slow command holds the aggregate so that the others queue behind it.
+        nursery.start_soon(call, "slow", SlowAppend("b", slow_seconds))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "bad", bad)
+        await trio.testing.wait_all_tasks_blocked()
+        for item in "cd":
+            nursery.start_soon(call, item, Append((item,)))
+            await trio.testing.wait_all_tasks_blocked()
+    return results.pop("bad"), results
+
+
 async def test_d2_handle_returning_none_is_a_type_error_not_a_crash() -> None:
     """handle returning None: TypeError naming the value, nothing stored, no crash counted."""
     options = RuntimeOptions(aggregate_intensity=0)
     with fail_after(10):
         async with open_system(MemoryStore(), options=options) as es:
-            await es.execute("x", Append(("a",)))
-            results: dict[str, outcome.Outcome[Any]] = {}
-
-            async def call(key: str, command: Any) -> None:
-                results[key] = await capture(lambda: es.execute("x", command))
-
-            async with trio.open_nursery() as nursery:
-                # A slow command holds the aggregate so that the others queue behind it.
-                nursery.start_soon(call, "slow", SlowAppend("b", 0.2))
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(call, "none", ReturnNone())
-                await trio.testing.wait_all_tasks_blocked()
-                for item in "cd":
-                    nursery.start_soon(call, item, Append((item,)))
-                    await trio.testing.wait_all_tasks_blocked()
+            none, results = await _bad_command_among_queued_ones(es, ReturnNone(), 0.2)
             with pytest.raises(TypeError, match=r"handle must return a sequence of events") as info:
-                results.pop("none").unwrap()
+                none.unwrap()
             assert "None" in str(info.value)
             assert {key: result.unwrap() for key, result in results.items()} == dict.fromkeys(
                 ["slow", "c", "d"]
@@ -443,21 +454,7 @@ async def test_d8_unregistered_event_class_is_an_event_store_error_not_a_crash(
             SqliteStore.open(tmp_path / "events.db", transcoder=transcoder()) as store,
             open_system(store, options=options) as es,
         ):
-            await es.execute("x", Append(("a",)))
-            results: dict[str, outcome.Outcome[Any]] = {}
-
-            async def call(key: str, command: Any) -> None:
-                results[key] = await capture(lambda: es.execute("x", command))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(call, "slow", SlowAppend("b", 0.3))
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(call, "bad", EmitUnregistered())
-                await trio.testing.wait_all_tasks_blocked()
-                for item in "cd":
-                    nursery.start_soon(call, item, Append((item,)))
-                    await trio.testing.wait_all_tasks_blocked()
-            bad = results.pop("bad")
+            bad, results = await _bad_command_among_queued_ones(es, EmitUnregistered(), 0.3)
             assert isinstance(bad, outcome.Error)
             assert isinstance(bad.error, EventStoreError), repr(bad.error)
             assert {key: result.unwrap() for key, result in results.items()} == dict.fromkeys(

@@ -12,6 +12,7 @@ package's spellings ``EventEnvelop``, ``MemoryStoreEventEnvelop`` and
 """
 
 import inspect as _stdlib_inspect
+import typing as _typing
 
 from ._api import aggregate_stats as aggregate_stats
 from ._api import execute as execute
@@ -158,6 +159,11 @@ def _claim_public_names(namespace: dict[str, object], names: list[str], module: 
     Only objects still naming a private module are changed, so a name re-exported by a public
     submodule keeps the module that claimed it first (``trio_es`` is always imported first).
     Unions and other aliases have no module of their own and are left alone.
+
+    The private modules postpone annotations (``from __future__ import annotations``), and
+    ``typing.get_type_hints`` (so cattrs, attrs.resolve_types ...) resolves those strings in
+    the module an object names: they are resolved first, where they were written, so that
+    moving the name breaks nothing.
     """
     for name in names:
         obj = namespace[name]
@@ -165,7 +171,22 @@ def _claim_public_names(namespace: dict[str, object], names: list[str], module: 
             continue
         parts = obj.__module__.split(".")
         if parts[0] == "trio_es" and any(part.startswith("_") for part in parts):
+            _resolve_annotations(obj)
             obj.__module__ = module
+
+
+def _resolve_annotations(obj: _typing.Any) -> None:
+    """Replace ``obj``'s own string annotations by the objects they name, in place."""
+    # The object's own dict, changed in place (inspect.get_annotations returns a copy).
+    own = vars(obj).get("__annotations__") if _stdlib_inspect.isclass(obj) else None
+    if own is None and not _stdlib_inspect.isclass(obj):
+        own = getattr(obj, "__annotations__", None)
+    if not own:
+        return
+    hints = _typing.get_type_hints(obj, include_extras=True)
+    for key in list(own):
+        if key in hints:
+            own[key] = hints[key]
 
 
 _claim_public_names(globals(), __all__, __name__)

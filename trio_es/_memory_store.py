@@ -188,7 +188,7 @@ class MemoryStore(Generic[EventT, EntityT]):
         return self._log.log[after_position : after_position + limit]
 
 
-# The supervised variant, as in the seed: an events actor and a snapshot actor under a
+# The supervised variant, as in the Gleam package: an events actor and a snapshot actor under a
 # supervisor. Their data lives in a shared _Log, not in the tasks, so a restarted actor
 # has lost nothing.
 

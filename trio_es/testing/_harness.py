@@ -72,34 +72,8 @@ def open_test_system(
         store: a memory store to use, e.g. one shared with a second system in the same
             test; ``None``: a new, empty one.
     """
-    # A plain function around the generator: mypy infers the state type from handle,
-    # apply and empty_state together only without asynccontextmanager's ParamSpec.
-    return _open_test_system(
-        handle=handle,
-        apply=apply,
-        empty_state=empty_state,
-        queries=queries,
-        snapshot_config=snapshot_config,
-        options=options,
-        call_timeout=call_timeout,
-        store=store,
-    )
-
-
-@asynccontextmanager
-async def _open_test_system(
-    *,
-    handle: HandleFn[EntityT, CommandT, EventT],
-    apply: ApplyFn[EntityT, EventT],
-    empty_state: EntityT,
-    queries: Sequence[Query] = (),
-    snapshot_config: SnapshotConfig | None = None,
-    options: RuntimeOptions | None = None,
-    call_timeout: Timeout | int | None = 30_000,
-    store: MemoryStore[EventT, EntityT] | None = None,
-) -> AsyncIterator[SystemUnderTest[CommandT, EventT, EntityT]]:
     used: MemoryStore[EventT, EntityT] = MemoryStore() if store is None else store
-    async with open_eventsourcing(
+    system = open_eventsourcing(
         eventstore=used,
         handle=handle,
         apply=apply,
@@ -108,5 +82,14 @@ async def _open_test_system(
         snapshot_config=snapshot_config,
         options=options,
         call_timeout=call_timeout,
-    ) as es:
-        yield SystemUnderTest(es, used)
+    )
+    return _with_store(system, used)
+
+
+@asynccontextmanager
+async def _with_store(
+    system: AbstractAsyncContextManager[EventSourcing[CommandT, EventT, EntityT]],
+    store: MemoryStore[EventT, EntityT],
+) -> AsyncIterator[SystemUnderTest[CommandT, EventT, EntityT]]:
+    async with system as es:
+        yield SystemUnderTest(es, store)
