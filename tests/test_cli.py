@@ -291,6 +291,38 @@ def test_a_closed_stdout_ends_quietly(bank_db: Path) -> None:
     assert process.wait(timeout=30) == 1
 
 
+def test_named_tables_use_the_snapshots_table_their_store_recorded(tmp_path: Path) -> None:
+    """--events-table alone reads the snapshots recorded beside it, never another store's."""
+    path = tmp_path / "two-stores.db"
+    trio.run(populate, sqlite_opener(path))  # events/snapshots: alice's snapshot at 2
+
+    async def populate_named() -> None:
+        async with (
+            SqliteStore.open(
+                path,
+                transcoder=_bank.bank_transcoder(),
+                events_table="bank_events",
+                snapshots_table="bank_snapshots",
+            ) as store,
+            trio_es.open_eventsourcing(
+                eventstore=store,
+                handle=_bank.handle,
+                apply=_bank.apply,
+                empty_state=_bank.Account(),
+                snapshot_config=trio_es.SnapshotConfig(trio_es.frequency(3)),
+            ) as es,
+        ):
+            await es.execute("alice", _bank.OpenAccount("Alice"))
+            await es.execute("alice", _bank.Deposit(100))
+            await es.execute("alice", _bank.Deposit(5))
+
+    trio.run(populate_named)
+    streams = json.loads(
+        trio_es_cli("streams", str(path), "--events-table", "bank_events", "--json").stdout
+    )
+    assert [(s["aggregate_id"], s["snapshot_sequence"]) for s in streams] == [("alice", 3)]
+
+
 def test_stats_totals(bank_db: Path) -> None:
     """stats: events, streams, snapshots, event type counts, first and last commit times."""
     stats = json.loads(trio_es_cli("stats", str(bank_db), "--json").stdout)
@@ -336,9 +368,14 @@ def test_a_wrong_table_name_exits_4(bank_db: Path) -> None:
     assert "--events-table" in result.stderr
 
 
-def test_an_unreachable_server_exits_5() -> None:
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://me:hunter2@127.0.0.1:1/app", "postgresql://me@127.0.0.1:1/app?password=hunter2"],
+    ids=["password-in-user-part", "password-in-query"],
+)
+def test_an_unreachable_server_exits_5(url: str) -> None:
     """A PostgreSQL URL nobody answers at: status 5, one line, the password masked."""
-    result = trio_es_cli("streams", "postgresql://me:hunter2@127.0.0.1:1/app", expect=5)
+    result = trio_es_cli("streams", url, expect=5)
     assert result.stderr.startswith("trio-es: error: cannot connect to PostgreSQL at ")
     assert "hunter2" not in result.stderr
     assert result.stderr.count("\n") == 1

@@ -90,6 +90,7 @@ SUBMODULES = [
     "trio_es.postgres_store",
     "trio_es.serialization",
     "trio_es.supervision",
+    "trio_es.testing",
 ]
 
 

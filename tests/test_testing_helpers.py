@@ -96,8 +96,11 @@ def test_then_raises_returns_the_refusal() -> None:
 
 def test_then_raises_fails_when_events_are_decided() -> None:
     """then_raises() fails, listing the events, when handle accepts the command."""
-    with pytest.raises(AssertionError, match="handle decided events where TooBig was expected"):
+    with pytest.raises(
+        AssertionError, match="handle decided events where TooBig was expected"
+    ) as failure:
         counter.given().when(Inc(2)).then_raises(TooBig)
+    assert "1. Incd(n=2)" in str(failure.value)
 
 
 def test_then_raises_fails_on_another_exception() -> None:

@@ -58,7 +58,7 @@ from ._errors import (
     MailboxFull,
     TransactionFailed,
 )
-from ._store import EventStore, check_events
+from ._store import EventStore, events_iterator
 from ._subject import Subject
 from ._types import (
     Aggregate,
@@ -76,7 +76,16 @@ from ._types import (
     utc_now,
 )
 
-__all__ = ["AggregateTask", "Live", "Shared", "planted_bugs", "refuse", "reply"]
+__all__ = [
+    "AggregateTask",
+    "BadEvents",
+    "Live",
+    "Shared",
+    "events_of",
+    "planted_bugs",
+    "refuse",
+    "reply",
+]
 
 logger: Final = logging.getLogger("trio_es")
 
@@ -123,10 +132,6 @@ class Live:
     """A live aggregate: its mailbox and backlog, which outlive restarts of its task."""
 
     mailbox: Subject[AggregateMessage]
-    #: The supervisor's handle on the task (None until started).
-    handle: Any = None
-    #: The task's state once it runs; None between tasks.
-    task: AggregateTask[Any, Any, Any] | None = None
     last_active: float = 0.0
     #: Messages taken from the mailbox and not answered yet; they come before the
     #: mailbox's (see invariant 1).
@@ -145,7 +150,7 @@ class Live:
             return None
 
     def idle(self) -> bool:
-        """Nothing queued for the aggregate and nobody waiting to queue something."""
+        """Nothing queued for the aggregate (a sender waiting for room implies a full mailbox)."""
         return not self.backlog and not len(self.mailbox)
 
     def close(self, error: Exception) -> list[AggregateMessage]:
@@ -230,7 +235,6 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
     async def run(self) -> None:
         """Serve the aggregate until idle for ``idle_timeout`` (or cancelled, or crashed)."""
         live = self.live
-        live.task = self
         try:
             while True:
                 message = live.take()
@@ -265,8 +269,6 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             # Invariant 1: whatever is in hand and unanswered goes back, first in line.
             self._give_back(self.in_hand)
             self.in_hand = []
-            if live.task is self:
-                live.task = None
 
     def _give_back(self, messages: Sequence[AggregateMessage]) -> None:
         if "fifo_violation_across_restart" in planted_bugs:
@@ -362,12 +364,9 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         if self.stale:
             await self._load()
             return
-        store = self.shared.store
-        async with store.transaction() as tx:
-            events = list(await store.load_events(tx, self.aggregate_id, self.sequence))
+        events = await self._events(self.sequence)
         if not events:
             return
-        _check_contiguous(self.aggregate_id, self.sequence, events)
         entity = self.entity
         try:
             for envelope in events:
@@ -397,9 +396,8 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             try:
                 await self._commit(batch, decided, crash)
             except TransactionFailed as failure:
-                # Nothing was written, and apply may have touched the cache: reload, then
-                # decide the whole batch again on the fresh state.
-                self.stale = True
+                # Nothing was written, and apply may have touched the cache: the failed
+                # transaction marked it stale, so the batch is decided again on reloaded state.
                 attempt += 1
                 if attempt > shared.transaction_retries:
                     for message in batch:
@@ -433,7 +431,7 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             except DomainError as rejection:
                 decided.append(_Decided(message, (), entity, rejection))
                 continue
-            except _BadEvents as bad:
+            except BadEvents as bad:
                 decided.append(_Decided(message, (), entity, bad.error))
                 continue
             except Exception as crash:
@@ -460,18 +458,7 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         result = shared.handle(entity, command)
         if shared.handle_is_async:
             result = await result
-        if isinstance(result, list | tuple):
-            return result
-        try:
-            return check_events(result)
-        except TypeError:
-            raise _BadEvents(
-                TypeError(
-                    f"handle must return a sequence of events (got {result!r:.80} of type "
-                    f"{type(result).__name__} for command {command!r:.80}); return a list of "
-                    "events, or [] for none"
-                )
-            ) from None
+        return events_of(result, command)
 
     async def _commit(
         self, batch: list[Execute], decided: list[_Decided], crash: tuple[int, Exception] | None
@@ -638,10 +625,8 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         event_id = next((e.event_id for envelopes in published for e in envelopes), None)
         if event_id is None:
             return False
-        store = self.shared.store
         try:
-            async with store.transaction() as tx:
-                stored = await store.load_events(tx, self.aggregate_id, self.sequence)
+            stored = await self._events(self.sequence)
         except Exception as error:
             logger.warning(
                 "aggregate %r: could not learn whether a commit landed: %r",
@@ -661,9 +646,9 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         """Nothing (or, for an unknown outcome, maybe all) of ``decided`` was stored.
 
         Its commands get ``error``; a crashed command and the ones after it are given
-        back to be decided again, since their fate was never decided by a commit.
+        back to be decided again, since their fate was never decided by a commit. (The
+        failed transaction already marked the cache stale.)
         """
-        self.stale = True
         for item in decided:
             self._answer(item.message, outcome.Error(error))
         if crash is not None:
@@ -678,16 +663,43 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             self._release(message)
         else:
             self._answer(message, outcome.Error(error))
-        self.stale = True
         raise error
 
 
-class _BadEvents(Exception):
-    """``handle`` returned something that is not a sequence of events."""
+class BadEvents(Exception):
+    """``handle`` returned something that is not a sequence of events.
+
+    Not a ``TypeError`` itself, so that a ``TypeError`` raised inside a generator that
+    ``handle`` returned (a bug: a crash) is never taken for it; ``error`` is the
+    ``TypeError`` the caller gets.
+    """
 
     def __init__(self, error: TypeError) -> None:
         super().__init__(error)
         self.error = error
+
+
+def events_of(result: object, command: object) -> Sequence[Any]:
+    """What ``handle`` returned for ``command``, as a sequence read exactly once.
+
+    The runtime, :class:`trio_es.testing.Scenario` and the reference model all use it, so
+    that they agree on what ``handle`` may return.
+
+    Raises:
+        BadEvents: ``result`` is ``None``, not iterable, or a str, bytes or mapping.
+    """
+    if isinstance(result, list | tuple):
+        return result
+    iterator = events_iterator(result)
+    if iterator is None:
+        raise BadEvents(
+            TypeError(
+                f"handle must return a sequence of events (got {result!r:.80} of type "
+                f"{type(result).__name__} for command {command!r:.80}); return a list of "
+                "events, or [] for none"
+            )
+        )
+    return tuple(iterator)
 
 
 def _check_contiguous(aggregate_id: str, start_from: int, events: Sequence[Any]) -> None:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -143,8 +143,8 @@ def _add_inspector_commands(commands: Any) -> None:
     )
     store.add_argument(
         "--snapshots-table",
-        default="snapshots",
-        help="the snapshots table (default: %(default)s)",
+        default=None,
+        help="the snapshots table (default: the one the store recorded beside its events table)",
     )
     store.add_argument("--json", action="store_true", help="print JSON, for scripts")
     commands.add_parser(
@@ -384,6 +384,10 @@ def _event_json(event: EventRow) -> dict[str, object]:
     return attrs.asdict(event)
 
 
+#: Events ``tail`` reads per query; a full page means more are waiting.
+_TAIL_PAGE: Final = 1_000
+
+
 async def _tail(inspector: Inspector, args: argparse.Namespace, out: Console) -> None:
     # trio-util ships no type information; periodic yields (elapsed, delta) pairs.
     from trio_util import periodic  # type: ignore[import-untyped]
@@ -391,7 +395,7 @@ async def _tail(inspector: Inspector, args: argparse.Namespace, out: Console) ->
     position = await inspector.last_position()
     async for _ in periodic(args.interval):
         while True:
-            events = await inspector.events_after(position)
+            events = await inspector.events_after(position, limit=_TAIL_PAGE)
             for e in events:
                 if args.json:
                     print(json.dumps(_event_json(e), ensure_ascii=False), flush=True)
@@ -404,7 +408,7 @@ async def _tail(inspector: Inspector, args: argparse.Namespace, out: Console) ->
                     )
                 position = e.global_position
             # A full page means more may be waiting: read on without sleeping.
-            if len(events) < 1_000:
+            if len(events) < _TAIL_PAGE:
                 break
 
 

@@ -22,7 +22,6 @@ import datetime
 import json
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +30,13 @@ from typing import Any, Final, Protocol, final
 import attrs
 import trio
 
-from ._sql import SCHEMA_VERSION, SCHEMA_VERSION_TABLE, check_identifier, parse_utc
+from ._errors import EventStoreError
+from ._sql import (
+    SCHEMA_VERSION_TABLE,
+    check_identifier,
+    check_version_to_open,
+    parse_utc,
+)
 
 __all__ = [
     "EXIT_FAILURE",
@@ -81,12 +86,12 @@ def is_postgres_url(store: str) -> bool:
 
 
 def _redacted(url: str) -> str:
-    # Messages show the URL without its password, which may land in logs.
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    # Messages name the server as host:port/dbname: a password may sit in the user part
+    # or in the query string, and messages land in logs. Only reached for PostgreSQL
+    # URLs, where psycopg (which the store's helper parses with) is needed anyway.
+    from ._postgres_store import _describe_server
+
+    return _describe_server(url)
 
 
 def _first_line(error: BaseException) -> str:
@@ -295,7 +300,7 @@ class Inspector:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, store: str, *, events_table: str = "events", snapshots_table: str = "snapshots"
+        cls, store: str, *, events_table: str = "events", snapshots_table: str | None = None
     ) -> AsyncIterator[Inspector]:
         """Connect to ``store`` (a SQLite path or a ``postgresql://`` URL) read-only.
 
@@ -304,14 +309,21 @@ class Inspector:
             ValueError: a table name is not a plain SQL identifier.
         """
         events = check_identifier(events_table, "--events-table")
-        snapshots = check_identifier(snapshots_table, "--snapshots-table")
+        # None: the snapshots table the store itself recorded beside its events table.
+        snapshots = (
+            None
+            if snapshots_table is None
+            else check_identifier(snapshots_table, "--snapshots-table")
+        )
         connect: Callable[[str], _Database] = (
             _Postgres.connect if is_postgres_url(store) else _Sqlite.connect
         )
         db = await trio.to_thread.run_sync(connect, store, abandon_on_cancel=True)
-        inspector = cls(db, events, snapshots, 0)
+        inspector = cls(db, events, snapshots or "", 0)
         try:
-            inspector.schema_version = await inspector._read_schema_version(store)
+            inspector.schema_version = await inspector._read_schema_version(
+                store, snapshots is None
+            )
             yield inspector
         finally:
             # A query abandoned by Ctrl-C may still hold the connection; the process is
@@ -329,11 +341,12 @@ class Inspector:
 
         return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
 
-    async def _read_schema_version(self, store: str) -> int:
+    async def _read_schema_version(self, store: str, recorded_snapshots: bool) -> int:
         p = self._db.placeholder
         where = _redacted(store) if is_postgres_url(store) else repr(store)
         rows = await self._query(
-            f"SELECT version FROM {SCHEMA_VERSION_TABLE} WHERE lower(events_table) = lower({p})",
+            f"SELECT version, snapshots_table FROM {SCHEMA_VERSION_TABLE} "
+            f"WHERE lower(events_table) = lower({p})",
             (self._events,),
         )
         if not rows:
@@ -342,17 +355,17 @@ class Inspector:
                 "name the right one with --events-table",
                 EXIT_NOT_A_STORE,
             )
-        version = int(rows[0][0])
-        if version > SCHEMA_VERSION:
-            raise InspectError(
-                f"{where} has schema version {version}, newer than the {SCHEMA_VERSION} "
-                "this trio_es reads; upgrade trio_es",
-                EXIT_NOT_A_STORE,
-            )
+        version, snapshots = rows[0]
+        try:
+            check_version_to_open(self._events, version, f"in {where}")
+        except EventStoreError as error:
+            raise InspectError(error.message, EXIT_NOT_A_STORE) from None
+        if recorded_snapshots:
+            self._snapshots = check_identifier(snapshots, "the recorded snapshots table")
         # Probe both tables now, so that a missing one fails before any output.
         await self._query(f"SELECT aggregate_type FROM {self._events} LIMIT 0")
         await self._query(f"SELECT aggregate_type FROM {self._snapshots} LIMIT 0")
-        return version
+        return int(version)
 
     async def count_streams(self) -> int:
         """The number of distinct (aggregate_type, aggregate_id) in the events table."""

@@ -181,6 +181,9 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
     #: True once the facade's block began to exit: calls are refused with SystemStopped.
     stopped: bool = False
     _public: Subject[Message] | None = attrs.field(default=None, init=False)
+    _query_mailboxes: list[tuple[Name[Any], Subject[ProcessEvents[Any]]]] | None = attrs.field(
+        default=None, init=False
+    )
 
     # -- routing: synchronous, so no message can overtake another --
 
@@ -256,7 +259,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             await task.run()
 
         try:
-            live.handle = self.aggregates.start_child(
+            self.aggregates.start_child(
                 worker(run, restart=Restart.TRANSIENT, name=f"aggregate {aggregate_id!r}"),
                 on_give_up=functools.partial(self._gave_up, aggregate_id, live),
             )
@@ -312,11 +315,17 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
 
     async def publish(self, aggregate_id: str, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
         """Feed one commit's events to every query that has not been stopped."""
-        for query_name, _ in self.queries:
+        mailboxes = self._query_mailboxes
+        if mailboxes is None:
+            # Once per system: a RunVar lookup per query per commit is not free.
+            mailboxes = self._query_mailboxes = [
+                (query_name, named_subject(query_name)) for query_name, _ in self.queries
+            ]
+        for query_name, mailbox in mailboxes:
             if query_name in self.failed_queries:
                 continue
             # Waiting for room (rather than dropping) keeps every query complete.
-            await named_subject(query_name).send_wait(ProcessEvents(aggregate_id, envelopes))
+            await mailbox.send_wait(ProcessEvents(aggregate_id, envelopes))
 
     async def _run_query(
         self,

@@ -405,9 +405,8 @@ def _commit_each(
         except _CommitOutcomeUnknown as error:
             results.append(outcome.Error(error))
         except (sqlite3.Error, EventStoreError, TransactionFailed) as error:
-            if interrupt.requested:
-                # The caller is gone: Cancelled, not a failure, for the whole call.
-                raise
+            # Never raise here: plans before this one may have committed, and their
+            # callers must hear so.
             results.append(outcome.Error(error))
         else:
             results.append(outcome.Value(None))

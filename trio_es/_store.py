@@ -9,14 +9,14 @@ holds the conformance suite.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 from ._types import Aggregate, EventEnvelope, Metadata, Snapshot
 from ._validated import check_int
 
-__all__ = ["EventStore", "check_events", "check_read_all"]
+__all__ = ["EventStore", "check_events", "check_read_all", "events_iterator"]
 
 TxT = TypeVar("TxT")
 EventT = TypeVar("EventT")
@@ -101,14 +101,27 @@ def check_events(events: object) -> list[Any]:
         TypeError: ``events`` is None, not iterable, or a str, bytes or mapping (which
             iterate as characters, integers or keys, never as events).
     """
-    if not isinstance(events, str | bytes | bytearray | memoryview | Mapping):
-        try:
-            iterator = iter(events)  # type: ignore[call-overload]
-        except TypeError:
-            pass
-        else:
-            return list(iterator)
+    if type(events) is list:
+        return events  # the common case: stores copy the events into rows anyway
+    iterator = events_iterator(events)
+    if iterator is not None:
+        return list(iterator)
     raise TypeError(
         f"events must be an iterable of events such as a list (got {type(events).__name__} "
         f"{events!r:.80}); pass a list, e.g. [event] for one event or [] for none"
     )
+
+
+def events_iterator(events: object) -> Iterator[Any] | None:
+    """An iterator over ``events``, or ``None`` when it is no iterable of events.
+
+    ``None``, non-iterables, and str, bytes or mappings (which iterate as characters,
+    integers or keys) are no iterable of events. Nothing is read yet, so an error raised
+    while iterating (a generator's own bug) is not mistaken for a wrong type.
+    """
+    if isinstance(events, str | bytes | bytearray | memoryview | Mapping):
+        return None
+    try:
+        return iter(events)  # type: ignore[call-overload, no-any-return]
+    except TypeError:
+        return None

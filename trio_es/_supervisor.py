@@ -90,10 +90,6 @@ class Strategy(enum.Enum):
 # --- validation -------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _check_intensity(_: object, __: object, value: Any) -> None:
     check_int(
         "intensity",

@@ -74,13 +74,7 @@ def positive_int(name: str, value: object) -> int:
         TypeError: ``value`` is not an ``int`` (``bool`` is refused too: ``True`` is no count).
         NonPositiveArgument: ``value`` is zero or negative.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be a positive int (got {value!r} of type {type(value).__name__})"
-        )
-    if value <= 0:
-        raise NonPositiveArgument(name=name, value=value)
-    return value
+    return check_int(name, value, minimum=1)
 
 
 def check_start_from(start_from: object) -> int:

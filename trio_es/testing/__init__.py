@@ -162,6 +162,11 @@ def __getattr__(name: str) -> Any:
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as error:
+        # Only a missing test library gets the install hint; another missing module
+        # (a broken install) is reported as itself.
+        missing = (error.name or "").partition(".")[0]
+        if missing and missing not in ("pytest", "_pytest", "hypothesis"):
+            raise
         raise ImportError(
             f"trio_es.testing.{name} needs {_NEEDS[module_name]}, which could not be "
             f"imported ({error}); install it with: pip install 'trio_es[testing]'"

@@ -17,9 +17,9 @@ from typing import Any, Generic, TypeVar, final
 
 import attrs
 
+from .._aggregate import BadEvents, events_of
 from .._runtime import ApplyFn as ApplyFn
 from .._runtime import HandleFn as HandleFn
-from .._store import check_events
 
 __all__ = ["ApplyFn", "Given", "HandleFn", "Scenario", "When"]
 
@@ -53,16 +53,10 @@ def _decide(
     result: Any = handle(state, command)
     if inspect.iscoroutinefunction(handle):
         result = _run_without_trio(result, command)
-    if isinstance(result, list | tuple):
-        return list(result)
     try:
-        return check_events(result)
-    except TypeError:
-        raise TypeError(
-            f"handle must return a sequence of events (got {result!r:.80} of type "
-            f"{type(result).__name__} for command {command!r:.80}); return a list of "
-            "events, or [] for none"
-        ) from None
+        return list(events_of(result, command))
+    except BadEvents as bad:
+        raise bad.error from None
 
 
 def _listing(events: Sequence[object]) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, final
 
 import attrs
 
+from .._aggregate import BadEvents, events_of
 from .._errors import DomainError
 
 __all__ = ["Accepted", "Crashed", "Decision", "ModelStep", "ReferenceModel", "Rejected"]
@@ -124,13 +125,17 @@ class ReferenceModel(Generic[CommandT, EventT, EntityT]):
     def decide(self, entity: EntityT, command: CommandT) -> Decision:
         """What ``command`` does to ``entity``: accepted with events, rejected, or crashed.
 
-        ``handle`` returning something that is not iterable (``None``, say) is a crash
-        with ``TypeError``, as is ``apply`` raising on one of the events.
+        ``handle`` returning no iterable of events (``None``, a str, a mapping) is
+        reported as ``Crashed`` with the ``TypeError`` its caller gets: nothing is stored
+        and the reply is that error (the runtime does not restart for it, which the
+        model does not track). ``apply`` raising on one of the events is a crash.
         """
         try:
-            events = tuple(self.handle(entity, command))
+            events = tuple(events_of(self.handle(entity, command), command))
         except DomainError as rejection:
             return Rejected(rejection)
+        except BadEvents as bad:
+            return Crashed(bad.error)
         except Exception as error:
             return Crashed(error)
         try:
