@@ -55,6 +55,11 @@ class Generate:
 
 
 @attrs.frozen
+class GenerateBadly:
+    """``handle`` answers with a generator whose body raises ``TypeError``: a bug."""
+
+
+@attrs.frozen
 class ReturnNone:
     """``handle`` forgets its return statement and answers ``None``."""
 
@@ -81,6 +86,8 @@ async def handle(entity: tuple[str, ...], command: Any) -> Any:
     match command:
         case Generate(items):
             return (Appended(item) for item in items)
+        case GenerateBadly():
+            return (Appended(item + 1) for item in ("a",))  # type: ignore[operator]  # the planted bug
         case ReturnNone():
             return None
         case EmitUnregistered():
@@ -236,6 +243,22 @@ async def _bad_command_among_queued_ones(
             nursery.start_soon(call, item, Append((item,)))
             await trio.testing.wait_all_tasks_blocked()
     return results.pop("bad"), results
+
+
+async def test_d2_a_type_error_inside_a_returned_generator_is_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in a generator handle returned is its own TypeError and a crash, not a bad return."""
+    with fail_after(10):
+        async with open_system(MemoryStore()) as es:
+            await es.execute("x", Append(("a",)))
+            with pytest.raises(TypeError, match="can only concatenate str") as info:
+                await es.execute("x", GenerateBadly())
+            assert "handle must return" not in str(info.value)
+            await es.execute("x", Append(("b",)))
+            assert (await es.load_aggregate("x")).entity == ("a", "b")
+    # A crash: the aggregate's task was restarted (a bad return value would not be).
+    assert any("restarting child" in record.getMessage() for record in caplog.records)
 
 
 async def test_d2_handle_returning_none_is_a_type_error_not_a_crash() -> None:
