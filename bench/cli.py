@@ -44,7 +44,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Settings, Path, bool]:
     for name, text in (
         ("smoke", "tiny sizes, one round: checks the harness works (seconds)"),
         ("quick", "the issue's sizes, 3 rounds (a few minutes; the default)"),
-        ("full", "more concurrent work, 5 rounds (up to ~20 minutes)"),
+        ("full", "more concurrent work, 5 rounds, C1 over 1,000,000 events (~25 minutes)"),
     ):
         modes.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
     parser.add_argument(

@@ -30,6 +30,21 @@ The peer runs in its fastest documented configuration:
 W3 runs the peer's natural concurrent form: one thread per caller
 (``ThreadPoolExecutor``); a command that loses an optimistic-concurrency race
 (``RecordConflictError``) is retried from a fresh get, and the retries are counted.
+
+C1 (catch-up) runs the peer's ``ProjectionRunner`` (``eventsourcing.projection``): it
+constructs the application, subscribes to its recorder after the view's tracking
+position, and calls the projection's ``process_event`` for every event on its own
+thread. The projection is written the way the peer's documentation writes one: a
+``Projection`` whose ``@singledispatchmethod`` ``process_event`` calls the view, a
+tracking recorder that updates its state and records the event's ``Tracking`` under one
+lock. The view is the peer's in-memory (``POPOTrackingRecorder``) kind, picked with the
+projection's own ``BALANCES_PERSISTENCE_MODULE=eventsourcing.popo``, like trio_es's
+read model in C1 (the peer's durable views commit a database transaction per event).
+The peer's SQLite recorder has no ``subscribe()`` (the runner raises
+``NotImplementedError``), so on SQLite the application uses :class:`SqlitePullRecorder`,
+which adds one returning the peer's own ``ListenNotifySubscription``: the pull its
+memory and PostgreSQL subscriptions run (pages of 500 from ``select_notifications`` on a
+thread of its own), without a wake-up for later commits, which catching up needs none of.
 """
 
 from __future__ import annotations
@@ -39,22 +54,38 @@ import importlib
 import importlib.metadata
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.application import Application, Repository
+from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import RecordConflictError
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    ListenNotifySubscription,
+    RecordConflictError,
+    Subscription,
+    Tracking,
+)
+from eventsourcing.popo import POPOTrackingRecorder
+from eventsourcing.projection import ApplicationSubscription, Projection, ProjectionRunner
+from eventsourcing.sqlite import SQLiteApplicationRecorder
 
 from .results import Timed, Verdict
 from .stores import Location
-from .workloads import OPEN, Plan
+from .workloads import OPEN, CatchUp, Plan
 
 __all__ = [
     "Account",
     "Bank",
+    "BalanceView",
+    "Balances",
+    "SqlitePullRecorder",
+    "c1_project",
+    "c1_setup",
+    "c1_subscribe",
     "describe",
     "env_for",
     "r1_load",
@@ -68,6 +99,8 @@ __all__ = [
 MAX_RETRIES: Final = 1_000
 #: R1 saves its stream in batches of this many events.
 R1_BATCH: Final = 1_000
+#: C1 gives up on a catch-up that has not reached the head after this many seconds.
+C1_TIMEOUT_S: Final = 3_600.0
 
 
 def version() -> str:
@@ -185,7 +218,11 @@ def describe() -> str:
         "caller, conflicts retried): DEEPCOPY_FROM_AGGREGATE_CACHE=y, "
         "AGGREGATE_CACHE_FASTFORWARD=y on memory and PostgreSQL, n on SQLite (whichever was "
         "faster); PostgreSQL: POSTGRES_ENABLE_DB_FUNCTIONS=y; R1 with snapshots: "
-        "snapshotting_intervals at the same interval as trio_es"
+        "snapshotting_intervals at the same interval as trio_es; C1: ProjectionRunner with "
+        "an in-memory view (POPOTrackingRecorder, BALANCES_PERSISTENCE_MODULE=eventsourcing."
+        "popo; the peer's durable views commit a transaction per event); on SQLite, whose "
+        "recorder has no subscribe(), the application recorder adds one returning the "
+        "peer's own ListenNotifySubscription (the same paged pull, 500 per page)"
     )
 
 
@@ -334,3 +371,211 @@ def r1_load(
     want = (events - 1, events)
     problems = [] if got == want else [f"(balance, events) {got} != {want}"]
     return elapsed, Verdict.of(problems, f"{events} events loaded")
+
+
+# -- C1: catch-up ------------------------------------------------------------------
+
+
+class SqlitePullRecorder(SQLiteApplicationRecorder):
+    """The peer's SQLite application recorder, with the ``subscribe()`` it lacks.
+
+    ``subscribe`` returns the peer's own ``ListenNotifySubscription``, which pulls pages
+    of 500 notifications with ``select_notifications`` on a thread, exactly as the
+    peer's memory and PostgreSQL subscriptions do. Nothing wakes it for later commits
+    (SQLite has no notifications), which a catch-up over events already stored needs
+    none of. Picked with ``APPLICATION_RECORDER_TOPIC`` (see :func:`c1_env`).
+    """
+
+    def subscribe(
+        self, gt: int | None = None, topics: Sequence[str] = ()
+    ) -> Subscription[ApplicationRecorder]:
+        """A pull subscription after notification ``gt``."""
+        return ListenNotifySubscription(recorder=self, gt=gt, topics=topics)
+
+
+class BalanceView(POPOTrackingRecorder):
+    """The balance read model (account id -> balance), in memory with its tracking.
+
+    Each update records the event's ``Tracking`` under the recorder's lock, as the
+    peer's in-memory views do. :meth:`wait_for` is the harness's precise stand-in for
+    ``ProjectionRunner.wait`` (which polls with back-off up to 0.8 s).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.balances: dict[UUID, int] = {}
+        self.events = 0
+        self._target: int | None = None
+        self._reached = threading.Event()
+
+    def _track(self, tracking: Tracking) -> None:
+        self._assert_tracking_uniqueness(tracking)
+        self._insert_tracking(tracking)
+        self.events += 1
+        if self._target is not None and tracking.notification_id >= self._target:
+            self._reached.set()
+
+    def opened(self, account_id: UUID, tracking: Tracking) -> None:
+        """Account ``account_id`` was opened: its balance is 0."""
+        with self._database_lock:
+            self.balances[account_id] = 0
+            self._track(tracking)
+
+    def deposited(self, account_id: UUID, amount: int, tracking: Tracking) -> None:
+        """``amount`` was deposited into account ``account_id``."""
+        with self._database_lock:
+            self.balances[account_id] += amount
+            self._track(tracking)
+
+    def wait_for(self, application_name: str, notification_id: int, timeout: float) -> bool:
+        """Wait until the tracking position reaches ``notification_id``; False on timeout."""
+        with self._database_lock:
+            self._target = notification_id
+            current = self._max_tracking_ids[application_name]
+            if current is not None and current >= notification_id:
+                self._reached.set()
+        return self._reached.wait(timeout)
+
+
+class Balances(Projection[BalanceView]):
+    """The balance projection: each account event updates the view."""
+
+    name = "Balances"
+
+    @singledispatchmethod
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        """Events of other kinds only move the tracking position."""
+        self.view.insert_tracking(tracking)
+
+    @process_event.register(Account.Opened)  # type: ignore[attr-defined]
+    def _opened(self, domain_event: Any, tracking: Tracking) -> None:
+        self.view.opened(domain_event.originator_id, tracking)
+
+    @process_event.register(Account.Deposited)  # type: ignore[attr-defined]
+    def _deposited(self, domain_event: Any, tracking: Tracking) -> None:
+        self.view.deposited(domain_event.originator_id, domain_event.amount, tracking)
+
+
+def c1_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` (from :func:`env_for`) with C1's in-memory view and SQLite subscriptions."""
+    env = dict(env, BALANCES_PERSISTENCE_MODULE="eventsourcing.popo")
+    if env.get("PERSISTENCE_MODULE") == "eventsourcing.sqlite":
+        env["APPLICATION_RECORDER_TOPIC"] = f"{__name__}:SqlitePullRecorder"
+    return env
+
+
+def _reader_class(location: Location) -> type[Bank]:
+    """The application class C1 reads with: for memory, one over the writer's recorder."""
+    if location.kind != "memory":
+        return Bank
+    recorder = location.shared["peer"].recorder
+
+    class MemoryBank(Bank):
+        name = "Bank"
+
+        def construct_recorder(self) -> ApplicationRecorder:
+            return recorder  # type: ignore[no-any-return]
+
+    return MemoryBank
+
+
+def c1_setup(env: dict[str, str], location: Location, catch_up: CatchUp) -> int:
+    """Save C1's events, ``fill_batch`` per ``save`` (one transaction); return the head.
+
+    For ``memory``, whose events live inside the application, the writer is kept in the
+    location for the readers.
+    """
+    app = Bank(env=c1_env(env))
+    try:
+        accounts: dict[str, Account] = {}
+        for batch in catch_up.batches():
+            touched: dict[str, Account] = {}
+            for account, amount in batch:
+                if amount == OPEN:
+                    aggregate = accounts[account] = Account(account)
+                else:
+                    aggregate = accounts[account]
+                    aggregate.deposit(amount)
+                touched[account] = aggregate
+            app.save(*touched.values())
+        head: int = app.recorder.max_notification_id() or 0
+    finally:
+        if location.kind == "memory":
+            location.shared["peer"] = app
+        else:
+            app.close()
+    return head
+
+
+def _verify_balances(
+    catch_up: CatchUp, balances: dict[UUID, int], events: int, position: int | None, head: int
+) -> Verdict:
+    wrong: list[str] = []
+    if position != head:
+        wrong.append(f"tracking position {position} != head {head}")
+    if events != catch_up.events:
+        wrong.append(f"{events} events processed != {catch_up.events}")
+    for account, balance in catch_up.balances.items():
+        got = balances.get(Account.create_id(account))
+        if got != balance:
+            wrong.append(f"{account}: balance {got} != {balance}")
+    if len(balances) != len(catch_up.balances):
+        wrong.append(f"{len(balances)} accounts in the view != {len(catch_up.balances)}")
+    return Verdict.of(wrong, f"{len(catch_up.balances)} balances, event count and position checked")
+
+
+def c1_project(
+    env: dict[str, str], location: Location, catch_up: CatchUp, head: int
+) -> tuple[float, Verdict]:
+    """Time a ``ProjectionRunner`` from its start until its view has tracked the head."""
+    gc.collect()
+    started = time.perf_counter()
+    with ProjectionRunner(
+        application_class=_reader_class(location),
+        projection_class=Balances,
+        view_class=BalanceView,
+        env=c1_env(env),
+    ) as runner:
+        deadline = started + C1_TIMEOUT_S
+        while not runner.view.wait_for(runner.app_name, head, 0.05):
+            if runner.is_interrupted.is_set():
+                runner.run_forever(0)  # re-raises the processing thread's error
+                raise RuntimeError("the projection runner stopped before the head")
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"the projection did not reach {head} in {C1_TIMEOUT_S} s")
+        elapsed = time.perf_counter() - started
+        view = runner.view
+        verdict = _verify_balances(
+            catch_up, view.balances, view.events, view.max_tracking_id(runner.app_name), head
+        )
+    return elapsed, verdict
+
+
+def c1_subscribe(
+    env: dict[str, str], location: Location, catch_up: CatchUp, head: int
+) -> tuple[float, Verdict]:
+    """Time an ``ApplicationSubscription`` read from the start to the head, folded inline."""
+    app = _reader_class(location)(env=c1_env(env))
+    opened, deposited = Account.Opened, Account.Deposited  # type: ignore[attr-defined]
+    balances: dict[UUID, int] = {}
+    events = 0
+    position: int | None = None
+    try:
+        gc.collect()
+        started = time.perf_counter()
+        with ApplicationSubscription(app, gt=None) as subscription:
+            for domain_event, tracking in subscription:
+                kind = type(domain_event)
+                if kind is deposited:
+                    balances[domain_event.originator_id] += domain_event.amount  # type: ignore[attr-defined]
+                elif kind is opened:
+                    balances[domain_event.originator_id] = 0
+                events += 1
+                position = tracking.notification_id
+                if position >= head:
+                    break
+        elapsed = time.perf_counter() - started
+    finally:
+        if location.kind != "memory":
+            app.close()
+    return elapsed, _verify_balances(catch_up, balances, events, position, head)

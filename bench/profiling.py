@@ -1,7 +1,8 @@
 """Profile trio_es's side of one workload: ``python -m bench.profiling W3 sqlite``.
 
 Runs one measurement of trio_es only (no peer, no rounds), profiling its timed phase
-only (not the setup or the final state check), and prints where the time went. With
+only (not the setup or the final state check), and prints where the time went; for C1
+that is the projection catching up (the raw subscription is not profiled). With
 ``pyinstrument`` installed (a development tool, not a dependency: ``pip install
 pyinstrument``) it prints pyinstrument's call tree and the functions with the most
 time of their own, as percentages of the timed phase; otherwise (or with
@@ -29,7 +30,7 @@ from .results import plan_metrics
 from .settings import STORES, Mode, Settings
 from .stores import Location, PostgresSpace, SqliteSpace
 from .trio_side import TimedPhase
-from .workloads import r1_account, w1_plan, w2_plan, w3_plan
+from .workloads import c1_catch_up, r1_account, w1_plan, w2_plan, w3_plan
 
 __all__ = ["main"]
 
@@ -49,7 +50,7 @@ def _location(store: str, dsn: str) -> Iterator[Location]:
 def _measurement(
     workload: str, settings: Settings, location: Location
 ) -> Callable[[TimedPhase], str]:
-    """One trio_es measurement of ``workload``; R1's setup is done here, unprofiled."""
+    """One trio_es measurement of ``workload``; R1's and C1's setup is done here, unprofiled."""
     sizes = settings.sizes
     if workload in ("W1", "W2", "W3"):
         plans = {"W1": w1_plan(sizes), "W2": w2_plan(sizes)}
@@ -61,6 +62,17 @@ def _measurement(
             return f"{metrics['throughput']:,.0f} cmd/s, p99 {metrics['p99_ms']:.2f} ms, {verdict}"
 
         return measure_plan
+    if workload == "C1":
+        catch_up = c1_catch_up(sizes)
+        trio.run(trio_side.c1_setup, location, catch_up)
+
+        def measure_catch_up(timed_phase: TimedPhase) -> str:
+            elapsed, verdict = trio.run(
+                trio_side.c1_project, location, catch_up, "balances", timed_phase
+            )
+            return f"projection catch-up {catch_up.events / elapsed:,.0f} events/s, {verdict}"
+
+        return measure_catch_up
     snapshot_every = sizes.r1_snapshot_every if workload == "R1s" else None
     trio.run(trio_side.r1_setup, location, r1_account(), sizes.r1_events, snapshot_every)
 
@@ -136,7 +148,7 @@ def _pyinstrument(measure: Callable[[TimedPhase], str], top: int) -> tuple[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Profile one workload on one store; print the result line and the profile."""
     parser = argparse.ArgumentParser(prog="python -m bench.profiling", description=__doc__)
-    parser.add_argument("workload", choices=("W1", "W2", "W3", "R1", "R1s"))
+    parser.add_argument("workload", choices=("W1", "W2", "W3", "R1", "R1s", "C1"))
     parser.add_argument("store", choices=STORES)
     modes = parser.add_mutually_exclusive_group()
     for name in ("smoke", "quick", "full"):

@@ -2,8 +2,8 @@
 
 Every number in the tables is the median over the rounds, with the min and max in
 parentheses. Ratios are ratios of medians, oriented so that a value above 1 means
-trio_es did better: throughput is trio_es / peer, latencies and load times are
-peer / trio_es.
+trio_es did better: throughput (and C1's catch-up rates) is trio_es / peer, latencies
+and load times are peer / trio_es.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ TITLES: Final = {
     "W3": "W3 many streams, many callers",
     "R1": "R1 cold load",
     "R1s": "R1 cold load, snapshots",
+    "C1": "C1 catch-up",
 }
 
 
@@ -41,7 +42,7 @@ class Metric:
         workload: the workload it belongs to.
         key: its key in :attr:`Trial.metrics`.
         label: what the table calls it.
-        unit: ``cmd/s``, ``ms``, ``x`` (a ratio) or ``""`` (a count).
+        unit: ``cmd/s``, ``events/s``, ``ms``, ``x`` (a ratio) or ``""`` (a count).
         higher_is_better: orientation of the trio_es advantage.
         compare: whether a trio_es/peer ratio is meaningful.
     """
@@ -65,6 +66,8 @@ METRICS: Final = (
     Metric("W3", "retries", "conflicts retried by the caller", "", compare=False),
     Metric("R1", "load_ms", "first load, no snapshots", "ms", higher_is_better=False),
     Metric("R1s", "load_ms", "first load, snapshots", "ms", higher_is_better=False),
+    Metric("C1", "rate", "projection catch-up", "events/s"),
+    Metric("C1", "read_rate", "subscription read", "events/s"),
 )
 
 
@@ -350,16 +353,22 @@ class Report:
     def markdown(self) -> str:
         """The report as markdown: results, W1 slices, floor, targets, notes, machine."""
         sizes = self.settings.sizes
+        c1_rounds = (
+            f" (C1: {sizes.c1_rounds})"
+            if "C1" in self.settings.workloads and sizes.c1_rounds != sizes.rounds
+            else ""
+        )
         lines = [
             f"# trio_es benchmarks: `--{self.settings.mode}`",
             "",
             f"Run {self.started_at} ({self.duration_s:,.0f} s), {sizes.rounds} round(s) per "
-            "workload and store, trio_es and the peer (`eventsourcing` "
+            f"workload and store{c1_rounds}, trio_es and the peer (`eventsourcing` "
             f"{self.machine.get('eventsourcing', '?')}) alternating which goes first.",
             "Each cell: median (min\u2013max). *trio_es advantage* is the ratio of the medians, "
-            "oriented so that > 1 means trio_es did better (throughput: trio_es / peer; "
-            "latency and load time: peer / trio_es). *state* is `ok` when every run of both "
-            "libraries left exactly the expected balances and event counts.",
+            "oriented so that > 1 means trio_es did better (throughput and catch-up rates: "
+            "trio_es / peer; latency and load time: peer / trio_es). *state* is `ok` when "
+            "every run of both libraries left exactly the expected balances and event counts "
+            "(C1: balances, events processed, and the checkpoint at the head).",
             "",
             "| workload | store | metric | trio_es | peer | trio_es advantage | state |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -397,6 +406,15 @@ class Report:
             f"beforehand, Zipf-like skew s={sizes.w3_zipf_s} (seed {self.settings.seed}).",
             f"- R1: first load of one account with {sizes.r1_events:,} events by a fresh "
             f"system / application; with snapshots every {sizes.r1_snapshot_every} events.",
+            f"- C1: {sizes.c1_events:,} events in the store ({sizes.c1_accounts:,} accounts "
+            "opened, then deposits round-robin; written untimed in transactions of "
+            f"{sizes.c1_fill_batch:,}), {sizes.c1_rounds} round(s); a balance projection that "
+            "never ran catches up from the first event until its checkpoint (peer: its "
+            "tracking position) is at the head: trio_es `Projection` under "
+            f"`open_eventsourcing` (batches of up to {sizes.c1_batch}, checkpoint stored in "
+            "the store's database), peer `ProjectionRunner` with an in-memory view; then a "
+            "raw read of the same events (trio_es `subscribe`, peer "
+            "`ApplicationSubscription`) folded into balances. Both read models are in memory.",
             f"- floor: raw inserts of the same rows, 1 per transaction "
             f"({sizes.floor_single_rows:,} rows) and {sizes.floor_batch} per transaction "
             f"({sizes.floor_batched_rows:,} rows).",

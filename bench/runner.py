@@ -2,8 +2,8 @@
 
 For each store and workload, each round runs trio_es and the peer back to back; the
 library that goes first alternates from round to round, so a machine that slows down
-over time does not favour one library. Each run starts from an empty store (R1: from
-the store its setup wrote) and is checked against the state its plan implies; a run
+over time does not favour one library. Each run starts from an empty store (R1 and C1:
+from the store their setup wrote) and is checked against the state its plan implies; a run
 that fails or leaves the wrong state is reported, never silently dropped.
 """
 
@@ -33,7 +33,7 @@ from .stores import (
     postgres_reachable,
     sqlite_default_synchronous,
 )
-from .workloads import Plan, r1_account, w1_plan, w2_plan, w3_plan
+from .workloads import CatchUp, Plan, c1_catch_up, r1_account, w1_plan, w2_plan, w3_plan
 
 __all__ = ["run"]
 
@@ -90,7 +90,7 @@ class _Run:
         shown = ", ".join(
             f"{key}={value:,.1f}"
             for key, value in trial.metrics.items()
-            if key in ("throughput", "p99_ms", "load_ms", "last_over_first")
+            if key in ("throughput", "p99_ms", "load_ms", "last_over_first", "rate", "read_rate")
         )
         self.progress(f"    {name}: {shown}{status}")
         return trial
@@ -214,6 +214,79 @@ class _Run:
             elapsed, verdict = self.peer.r1_load(env, location, account, events, snapshot_every)
         return Trial({"load_ms": elapsed * 1000}, verdict)
 
+    def c1_workload(self, store: str, catch_up: CatchUp) -> None:
+        """C1 on ``store``: fill each library's store once, then catch up once per round.
+
+        Each round runs, per library, a projection that never ran before (trio_es: a new
+        projection name, so no checkpoint; the peer: a new runner with a new in-memory
+        view) from the first event to the head, then a raw subscription over the same
+        events.
+        """
+        rounds = self.settings.sizes.c1_rounds
+        libs = self.libraries(store)
+        shared = self._fresh(store, "C1") if store == "postgres" else None
+        locations = {lib: shared or self._fresh(store, f"C1-{lib}") for lib in libs}
+        heads: dict[str, int] = {}
+        self.progress(f"  C1 {store} setup ({catch_up.events:,} events)")
+        try:
+            for lib in libs:
+                location = locations[lib]
+                started = time.perf_counter()
+                try:
+                    if lib == TRIO:
+                        heads[lib] = trio.run(trio_side.c1_setup, location, catch_up)
+                    else:
+                        assert self.peer is not None
+                        env = self._peer_env(location, 1)
+                        heads[lib] = self.peer.c1_setup(env, location, catch_up)
+                except Exception as error:
+                    self.progress(f"    {lib} setup FAILED\n{traceback.format_exc()}")
+                    why = f"setup failed: {type(error).__name__}: {error}"
+                    self.report.add("C1", store, lib, Trial({}, Verdict(False, why)))
+                    continue
+                rate = catch_up.events / (time.perf_counter() - started)
+                self.progress(f"    {lib}: {catch_up.events:,} events written, {rate:,.0f}/s")
+            if store == "postgres" and heads:
+                assert self.postgres is not None
+                self.postgres.settle()
+            for round_ in range(rounds):
+                order = libs if round_ % 2 == 0 else libs[::-1]
+                self.progress(f"  C1 {store} round {round_ + 1}/{rounds}")
+                for lib in order:
+                    if lib not in heads:
+                        continue
+                    measure = functools.partial(
+                        self._c1_trial, lib, locations[lib], catch_up, heads[lib], round_
+                    )
+                    self.report.add("C1", store, lib, self._trial(lib, measure))
+        finally:
+            for location in {id(loc): loc for loc in locations.values()}.values():
+                self._discard(location)
+
+    def _c1_trial(
+        self, lib: str, location: Location, catch_up: CatchUp, head: int, round_: int
+    ) -> Trial:
+        if lib == TRIO:
+            name = f"balances-{round_ + 1}"
+            projected, verdict = trio.run(trio_side.c1_project, location, catch_up, name)
+            gc.collect()
+            read, read_verdict = trio.run(trio_side.c1_subscribe, location, catch_up)
+        else:
+            assert self.peer is not None
+            env = self._peer_env(location, 1)
+            projected, verdict = self.peer.c1_project(env, location, catch_up, head)
+            gc.collect()
+            read, read_verdict = self.peer.c1_subscribe(env, location, catch_up, head)
+        metrics = {
+            "rate": catch_up.events / projected if projected > 0 else float("inf"),
+            "read_rate": catch_up.events / read if read > 0 else float("inf"),
+        }
+        if not verdict.ok or not read_verdict.ok:
+            problems = [f"projection: {verdict.detail}"] if not verdict.ok else []
+            problems += [] if read_verdict.ok else [f"subscription: {read_verdict.detail}"]
+            return Trial(metrics, Verdict(False, "; ".join(problems)))
+        return Trial(metrics, verdict)
+
     def floor_workload(self, store: str) -> None:
         """The raw-database floor on ``store``: each method once per round, fresh tables."""
         sizes = self.settings.sizes
@@ -265,6 +338,7 @@ class _Run:
             "W2": w2_plan(sizes),
             "W3": w3_plan(sizes, settings.seed),
         }
+        catch_up = c1_catch_up(sizes) if "C1" in settings.workloads else None
         with contextlib.ExitStack() as stack:
             for store in self.stores():
                 self.progress(f"{store}:")
@@ -292,6 +366,8 @@ class _Run:
                 if "R1" in settings.workloads:
                     self.r1_workload(store, None)
                     self.r1_workload(store, sizes.r1_snapshot_every)
+                if catch_up is not None:
+                    self.c1_workload(store, catch_up)
                 if "floor" in settings.workloads and store != "memory":
                     self.floor_workload(store)
         self.report.machine["load average at end (1, 5, 15 min)"] = machine.load_average()

@@ -2,8 +2,10 @@
 
 Every function here is one measurement; the runner calls it through ``trio.run`` with
 a fresh :class:`~bench.stores.Location`. Commands are built before the clock starts;
-what is timed is awaiting ``EventSourcing.execute`` (W1-W3) or the first
-``load_aggregate`` of a freshly started system (R1).
+what is timed is awaiting ``EventSourcing.execute`` (W1-W3), the first
+``load_aggregate`` of a freshly started system (R1), or (C1) a ``trio_es.Projection``
+catching up from the first event to the head under ``open_eventsourcing``, and a raw
+``trio_es.subscribe`` reading the same events.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ from trio_es.memory_store import MemoryStore
 
 from .results import Timed, Verdict
 from .stores import Location
-from .workloads import OPEN, Plan
+from .workloads import OPEN, CatchUp, Plan
 
-__all__ = ["bank", "run_plan", "r1_load", "r1_setup", "store_available"]
+__all__ = [
+    "bank",
+    "c1_project",
+    "c1_setup",
+    "c1_subscribe",
+    "r1_load",
+    "r1_setup",
+    "run_plan",
+    "store_available",
+]
 
 #: Makes the context entered around a measurement's timed phase.
 TimedPhase = Callable[[], AbstractContextManager[object]]
@@ -263,3 +274,165 @@ async def r1_load(
     want = (events - 1, events)
     problems = [] if got == want else [f"(balance, events) {got} != {want}"]
     return elapsed, Verdict.of(problems, f"{events} events loaded")
+
+
+# -- C1: catch-up ------------------------------------------------------------------
+
+
+async def c1_setup(location: Location, catch_up: CatchUp) -> int:
+    """Write C1's events, ``fill_batch`` per transaction, through the EventStore protocol.
+
+    Within a transaction each account's events go in one ``commit_events`` call (so a
+    transaction holds a run of events per account, in the order the accounts first
+    appear in the batch), as the peer's ``save`` of several aggregates does. Returns the
+    store's head position.
+    """
+    example = bank()
+    sequences: dict[str, int] = {}
+    balances: dict[str, int] = {}
+    async with _open_store(location) as store:
+        for batch in catch_up.batches():
+            grouped: dict[str, list[Any]] = {}
+            for account, amount in batch:
+                if amount == OPEN:
+                    balances[account] = 0
+                    event: Any = example.AccountOpened(account)
+                else:
+                    balances[account] += amount
+                    event = example.CustomerDepositedCash(amount, balances[account])
+                grouped.setdefault(account, []).append(event)
+            async with store.transaction() as tx:
+                for account, events in grouped.items():
+                    sequence = sequences.get(account, 0)
+                    await store.commit_events(
+                        tx, trio_es.Aggregate(account, example.EMPTY, sequence), events, ()
+                    )
+                    sequences[account] = sequence + len(events)
+        head: int = await store.head_position()
+    return head
+
+
+def _c1_verdict(
+    catch_up: CatchUp, balances: dict[str, int], events: int, position: int | None, head: int
+) -> list[str]:
+    wrong: list[str] = []
+    if position != head:
+        wrong.append(f"checkpoint {position} != head {head}")
+    if events != catch_up.events:
+        wrong.append(f"{events} events processed != {catch_up.events}")
+    for account, balance in catch_up.balances.items():
+        if balances.get(account) != balance:
+            wrong.append(f"{account}: balance {balances.get(account)} != {balance}")
+    if len(balances) != len(catch_up.balances):
+        wrong.append(f"{len(balances)} accounts in the read model != {len(catch_up.balances)}")
+    return wrong
+
+
+def _balance_fold(balances: dict[str, int]) -> Callable[[list[Any]], None]:
+    """Fold a batch of envelopes into ``balances`` (account -> balance)."""
+    example = bank()
+    opened, deposited = example.AccountOpened, example.CustomerDepositedCash
+
+    def fold(batch: list[Any]) -> None:
+        for envelope in batch:
+            event = envelope.payload
+            kind = type(event)
+            if kind is deposited:
+                balances[envelope.aggregate_id] += event.amount
+            elif kind is opened:
+                balances[envelope.aggregate_id] = 0
+
+    return fold
+
+
+async def c1_project(
+    location: Location,
+    catch_up: CatchUp,
+    name: str,
+    timed_phase: TimedPhase = contextlib.nullcontext,
+) -> tuple[float, Verdict]:
+    """Time projection ``name`` (never run before) catching up from the start to the head.
+
+    The clock runs from entering ``open_eventsourcing(..., projections=[projection])`` on
+    the open store until ``wait_for_projection(name, head)`` returns. Then the read
+    model, the count of events handled and the projection's position are checked, and a
+    second system started on the same store must find the stored checkpoint at the head
+    (nothing handled again).
+    """
+    example = bank()
+    balances: dict[str, int] = {}
+    handled = [0]
+    fold = _balance_fold(balances)
+
+    async def handle(batch: list[Any]) -> None:
+        fold(batch)
+        handled[0] += len(batch)
+
+    async with _open_store(location) as store:
+        head: int = await store.head_position()
+        projection: trio_es.Projection[Any] = trio_es.Projection(
+            name, handle, batch_size=catch_up.batch
+        )
+        gc.collect()
+        with timed_phase():
+            started = time.perf_counter()
+            async with trio_es.open_eventsourcing(
+                eventstore=store,
+                handle=example.handle,
+                apply=example.apply,
+                empty_state=example.EMPTY,
+                projections=[projection],
+                call_timeout=CALL_TIMEOUT_MS,
+            ) as es:
+                await es.wait_for_projection(name, head)
+                elapsed = time.perf_counter() - started
+                position = (await es.projection_stats())[name].position
+        wrong = _c1_verdict(catch_up, balances, handled[0], position, head)
+        # The checkpoint a clean close stored: a restart resumes at the head.
+        again = [0]
+
+        async def count(batch: list[Any]) -> None:
+            again[0] += len(batch)
+
+        async with trio_es.open_eventsourcing(
+            eventstore=store,
+            handle=example.handle,
+            apply=example.apply,
+            empty_state=example.EMPTY,
+            projections=[trio_es.Projection(name, count)],
+            call_timeout=CALL_TIMEOUT_MS,
+        ) as es:
+            await es.wait_for_projection(name, head)
+            stored = (await es.projection_stats())[name].position
+        if stored != head or again[0]:
+            wrong.append(f"after a restart: checkpoint {stored}, {again[0]} events handled again")
+    return elapsed, Verdict.of(
+        wrong, f"{len(catch_up.balances)} balances, event count and checkpoint checked"
+    )
+
+
+async def c1_subscribe(
+    location: Location, catch_up: CatchUp, timed_phase: TimedPhase = contextlib.nullcontext
+) -> tuple[float, Verdict]:
+    """Time ``trio_es.subscribe(store, after=0)`` reading to the head, folded inline."""
+    balances: dict[str, int] = {}
+    fold = _balance_fold(balances)
+    events = 0
+    position: int | None = None
+    async with _open_store(location) as store:
+        head: int = await store.head_position()
+        gc.collect()
+        with timed_phase():
+            started = time.perf_counter()
+            async with trio_es.subscribe(store, after=0, batch_size=catch_up.batch) as batches:
+                async for batch in batches:
+                    fold(batch)
+                    events += len(batch)
+                    position = batch[-1].global_position
+                    if position is not None and position >= head:
+                        break
+            elapsed = time.perf_counter() - started
+    wrong = _c1_verdict(catch_up, balances, events, position, head)
+    return elapsed, Verdict.of(
+        wrong, f"{len(catch_up.balances)} balances, event count and position checked"
+    )

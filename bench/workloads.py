@@ -18,6 +18,10 @@ version of the same domain is in :mod:`bench.peer`.
 - **R1, cold load**: one account with ``r1_events`` events (written in batches, not
   timed); a fresh system (trio_es) or application (peer) loads it, and the time to that
   first load is reported, without and with snapshots.
+- **C1, catch-up**: ``c1_events`` events already in the store (``c1_accounts``
+  accounts opened, then deposits dealt round-robin; written in big transactions, not
+  timed); a projection folding them into a balance read model (account -> balance)
+  starts from the beginning, and the rate at which it reaches the head is reported.
 
 Each plan knows the balance every account must end with, so each run is checked.
 """
@@ -28,10 +32,11 @@ import dataclasses
 import itertools
 import random
 from collections import Counter
+from collections.abc import Iterator
 
 from .settings import Sizes
 
-__all__ = ["OPEN", "Plan", "r1_account", "w1_plan", "w2_plan", "w3_plan"]
+__all__ = ["OPEN", "CatchUp", "Plan", "c1_catch_up", "r1_account", "w1_plan", "w2_plan", "w3_plan"]
 
 #: The amount that stands for ``OpenAccount`` in a plan; every other amount is a deposit.
 OPEN = 0
@@ -108,3 +113,56 @@ def w3_plan(sizes: Sizes, seed: int) -> Plan:
 def r1_account() -> str:
     """The name of R1's long account."""
     return "r1-account"
+
+
+@dataclasses.dataclass(frozen=True)
+class CatchUp:
+    """C1: the events in the store before a projection starts, and what it must end with.
+
+    Event ``i`` (from 0) opens account ``i`` for the first ``len(accounts)`` events; every
+    later one deposits ``i % 9 + 1`` into account ``i % len(accounts)``. So every account
+    is opened before its first deposit, in any store, whatever the fill batch.
+
+    Attributes:
+        name: the workload (``C1``).
+        accounts: every account, in the order they are opened.
+        events: how many events the store holds.
+        fill_batch: events per transaction when the store is filled.
+        batch: the most events one projection batch holds (trio_es's ``batch_size``).
+        balances: every account's balance once all events are folded.
+    """
+
+    name: str
+    accounts: tuple[str, ...]
+    events: int
+    fill_batch: int
+    batch: int
+    balances: dict[str, int]
+
+    def event(self, i: int) -> Command:
+        """Event ``i`` as (account, amount); amount ``OPEN`` opens the account."""
+        accounts = len(self.accounts)
+        if i < accounts:
+            return self.accounts[i], OPEN
+        return self.accounts[i % accounts], i % 9 + 1
+
+    def batches(self) -> Iterator[list[Command]]:
+        """The events in store order, ``fill_batch`` at a time (one transaction each)."""
+        for start in range(0, self.events, self.fill_batch):
+            yield [self.event(i) for i in range(start, min(start + self.fill_batch, self.events))]
+
+
+def c1_catch_up(sizes: Sizes) -> CatchUp:
+    """C1: ``c1_events`` events over ``c1_accounts`` accounts, with the balances they imply."""
+    if sizes.c1_events < sizes.c1_accounts:
+        raise ValueError(
+            f"c1_events must be at least c1_accounts (got {sizes.c1_events} < "
+            f"{sizes.c1_accounts}); every account is opened by one event"
+        )
+    accounts = tuple(f"c1-{i:05d}" for i in range(sizes.c1_accounts))
+    plan = CatchUp("C1", accounts, sizes.c1_events, sizes.c1_fill_batch, sizes.c1_batch, {})
+    balances: Counter[str] = Counter()
+    for i in range(sizes.c1_events):
+        account, amount = plan.event(i)
+        balances[account] += amount
+    return dataclasses.replace(plan, balances=dict(balances))

@@ -9,6 +9,7 @@ absence is a failure. PostgreSQL is measured when its server answers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,12 +20,17 @@ import pytest
 
 import bench
 from bench.report import Report
+from bench.settings import Sizes
 from bench.stats import percentile
 from bench.stores import postgres_reachable
+from bench.trio_side import _c1_verdict
+from bench.workloads import OPEN, c1_catch_up
 
 ROOT = Path(__file__).resolve().parent.parent
 ON_CI = os.environ.get("CI") == "true"
-PLAN_WORKLOADS = ("W1", "W2", "W3", "R1", "R1s")
+PLAN_WORKLOADS = ("W1", "W2", "W3", "R1", "R1s", "C1")
+#: The metric that shows a workload was measured.
+KEYS = {"R1": "load_ms", "R1s": "load_ms", "C1": "rate"}
 
 
 def _peer_installed() -> bool:
@@ -41,8 +47,7 @@ def _stores() -> tuple[str, ...]:
 
 
 def _measured(report: Report, workload: str, store: str, library: str) -> bool:
-    key = "load_ms" if workload.startswith("R1") else "throughput"
-    return report.median(workload, store, library, key) is not None
+    return report.median(workload, store, library, KEYS.get(workload, "throughput")) is not None
 
 
 @pytest.mark.skipif(not ON_CI, reason="only CI (CI=true) requires the peer library")
@@ -85,6 +90,9 @@ def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) ->
     assert any(name.startswith("W3 sqlite: events/s vs raw sqlite3") for name in names)
     markdown = (tmp_path / "latest-smoke.md").read_text()
     assert "| W3 many streams, many callers | sqlite | p99 latency (ms) |" in markdown
+    assert "| C1 catch-up | sqlite | projection catch-up (events/s) |" in markdown
+    for store in stores:
+        assert report.median("C1", store, "trio_es", "read_rate") is not None, store
     assert "## Targets" in markdown
     assert "## Machine" in markdown
     data = json.loads((tmp_path / "latest-smoke.json").read_text())
@@ -123,6 +131,47 @@ def test_command_line_prints_the_table_and_writes_results(tmp_path: Path) -> Non
     assert "| W1 one long stream | memory | throughput (cmd/s) |" in completed.stdout
     assert (tmp_path / "latest-smoke.md").read_text() == completed.stdout
     assert json.loads((tmp_path / "latest-smoke.json").read_text())["mode"] == "smoke"
+
+
+def test_catch_up_events_open_each_account_first_and_imply_its_balances() -> None:
+    """C1's events open every account before its deposits, and its balances sum the deposits."""
+    sizes = dataclasses.replace(
+        Sizes.for_mode("smoke"), c1_events=1_003, c1_accounts=10, c1_fill_batch=64
+    )
+    catch_up = c1_catch_up(sizes)
+    events = [event for batch in catch_up.batches() for event in batch]
+
+    assert len(events) == 1_003
+    assert all(len(batch) <= 64 for batch in catch_up.batches())
+    opened: set[str] = set()
+    balances: dict[str, int] = {}
+    for account, amount in events:
+        if amount == OPEN:
+            assert account not in opened
+            opened.add(account)
+            balances[account] = 0
+        else:
+            assert account in opened
+            assert 1 <= amount <= 9
+            balances[account] += amount
+    assert balances == catch_up.balances
+    with pytest.raises(ValueError, match="c1_events must be at least c1_accounts"):
+        c1_catch_up(dataclasses.replace(sizes, c1_events=9))
+
+
+def test_catch_up_check_names_a_wrong_balance_a_missed_event_and_a_short_checkpoint() -> None:
+    """C1's check of a trio_es run reports a wrong balance, a wrong event count and position."""
+    catch_up = c1_catch_up(Sizes.for_mode("smoke"))
+    balances = dict(catch_up.balances)
+    assert _c1_verdict(catch_up, balances, catch_up.events, 2_000, 2_000) == []
+
+    balances["c1-00007"] += 1
+    problems = _c1_verdict(catch_up, balances, catch_up.events - 1, 1_999, 2_000)
+    assert problems == [
+        "checkpoint 1999 != head 2000",
+        f"{catch_up.events - 1} events processed != {catch_up.events}",
+        f"c1-00007: balance {balances['c1-00007']} != {catch_up.balances['c1-00007']}",
+    ]
 
 
 def test_percentile_interpolates_linearly_between_ranks() -> None:

@@ -459,3 +459,25 @@ def test_every_plan_is_committed_at_most_once_and_every_caller_answered(
     assert all(len(batch) <= 5 for batch in db.batches)
     assert not commits._busy
     assert not commits._queue
+
+
+async def test_each_caller_gets_its_plans_value(autojump_clock: trio.testing.MockClock) -> None:
+    """commit returns the value commit_batch gave the caller's own plan, leader or follower."""
+    batches: list[list[str]] = []
+
+    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[Any]]:
+        batches.append(list(plans))
+        await trio.sleep(COMMIT_SECONDS)
+        return [outcome.Value(plan.upper()) for plan in plans]
+
+    commits: GroupCommit[str] = GroupCommit(commit_batch)
+    got: dict[str, Any] = {}
+
+    async def commit(plan: str) -> None:
+        got[plan] = await commits.commit(plan)
+
+    async with trio.open_nursery() as nursery:
+        for plan in ["a", "b", "c"]:
+            nursery.start_soon(commit, plan)
+    assert got == {"a": "A", "b": "B", "c": "C"}
+    assert max(len(batch) for batch in batches) > 1

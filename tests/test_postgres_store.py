@@ -39,9 +39,11 @@ from trio_es.testing import (
     Added,
     Counter,
     EventStoreConformance,
+    ProjectionSourceConformance,
     Renamed,
     conformance_transcoder,
 )
+from trio_es.testing._conformance import OpenStore
 
 from . import _bank, _batching, _ledger, _pg
 
@@ -73,6 +75,26 @@ class TestPostgresStoreConformance(EventStoreConformance):
     async def store(self, postgres_dsn: str) -> AsyncIterator[PostgresStore[Any, Any]]:
         """A fresh store on a fresh database."""
         async with PostgresStore.open(postgres_dsn, transcoder=conformance_transcoder()) as s:
+            yield s
+
+
+class TestPostgresStoreAsProjectionSource(ProjectionSourceConformance):
+    """PostgresStore passes the projection-source suite, across two store objects too."""
+
+    @pytest.fixture
+    def open_another_store(self, postgres_dsn: str) -> OpenStore:
+        """Opens another store object (its own pool, as another process has) on the database."""
+        return lambda: PostgresStore.open(
+            postgres_dsn,
+            transcoder=conformance_transcoder(),
+            poll_interval=self.poll_interval,
+            takeover_interval=self.takeover_interval,
+        )
+
+    @pytest.fixture
+    async def store(self, open_another_store: OpenStore) -> AsyncIterator[PostgresStore[Any, Any]]:
+        """A fresh store on a fresh database, with the suite's intervals."""
+        async with open_another_store() as s:
             yield s
 
 
@@ -810,10 +832,10 @@ async def test_lost_commit_while_a_refused_batch_is_split_is_resolved_per_plan(
 
 
 async def test_stored_event_ids_make_a_resent_plan_committed(postgres_dsn: str, raw: Any) -> None:
-    """A plan whose event ids are stored already is reported committed and stores nothing."""
+    """A plan whose event ids are stored already is reported committed, where they are stored."""
     async with _open(postgres_dsn) as store:
         await _commit(store, "acc", 0, [Added(1)])
-        row = raw.execute("SELECT event_id FROM events").fetchone()
+        row = raw.execute("SELECT event_id, global_position, recorded_at FROM events").fetchone()
         assert row is not None
         assert isinstance(row[0], uuid.UUID)
         again = EventRow("acc", 2, "conformance.Added", 1, '{"amount": 2}', "[]", row[0])
@@ -821,7 +843,7 @@ async def test_stored_event_ids_make_a_resent_plan_committed(postgres_dsn: str, 
             store._statements, "default", store._lock_key, {"acc": 1}, [again], []
         )
         [result] = await store._commit_batch([plan])
-        assert result.unwrap() is None
+        assert result.unwrap() == {row[0]: (row[1], row[2])}
         assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
     assert _event_count(raw) == 1
 

@@ -33,7 +33,14 @@ from trio_es._sql import EventRow
 from trio_es._sqlite_store import _Commit
 from trio_es._types import Snapshot, utc_now
 from trio_es.sqlite_store import SqliteStore
-from trio_es.testing import Added, Counter, EventStoreConformance, conformance_transcoder
+from trio_es.testing import (
+    Added,
+    Counter,
+    EventStoreConformance,
+    ProjectionSourceConformance,
+    conformance_transcoder,
+)
+from trio_es.testing._conformance import OpenStore
 
 from . import _bank, _batching, _ledger
 
@@ -47,6 +54,26 @@ class TestSqliteStoreConformance(EventStoreConformance):
         async with SqliteStore.open(
             tmp_path / "store.db", transcoder=conformance_transcoder()
         ) as s:
+            yield s
+
+
+class TestSqliteStoreAsProjectionSource(ProjectionSourceConformance):
+    """SqliteStore passes the projection-source suite, across two store objects too."""
+
+    @pytest.fixture
+    def open_another_store(self, tmp_path: Path) -> OpenStore:
+        """Opens another store object on the file of the store fixture."""
+        return lambda: SqliteStore.open(
+            tmp_path / "store.db",
+            transcoder=conformance_transcoder(),
+            poll_interval=self.poll_interval,
+            takeover_interval=self.takeover_interval,
+        )
+
+    @pytest.fixture
+    async def store(self, open_another_store: OpenStore) -> AsyncIterator[SqliteStore[Any, Any]]:
+        """A fresh store in a new file, with the suite's intervals."""
+        async with open_another_store() as s:
             yield s
 
 
@@ -131,6 +158,8 @@ async def test_durability_pragmas_are_applied(tmp_path: Path) -> None:
         ({"synchronous": "SOMETIMES"}, "synchronous"),
         ({"busy_timeout_ms": -1}, "busy_timeout_ms"),
         ({"aggregate_type": ""}, "aggregate_type"),
+        ({"poll_interval": 0}, "poll_interval"),
+        ({"takeover_interval": -1.0}, "takeover_interval"),
     ],
 )
 async def test_bad_options_are_refused(
@@ -609,7 +638,7 @@ async def test_version_1_tables_are_migrated_on_open(tmp_path: Path) -> None:
 
 
 async def test_stored_event_ids_make_a_resent_plan_committed(tmp_path: Path) -> None:
-    """A plan whose event ids are stored already is reported committed and stores nothing."""
+    """A plan whose event ids are stored already is committed, stores nothing, keeps its place."""
     path = tmp_path / "store.db"
     async with _open(path) as store:
         await _commit(store, "acc", 0, [Added(1)])
@@ -619,7 +648,11 @@ async def test_stored_event_ids_make_a_resent_plan_committed(tmp_path: Path) -> 
         )
         plan = _Commit(store._statements, "default", {"acc": 1}, [again], [], 100)
         [result] = await store._commit_batch([plan])
-        assert result.unwrap() is None
+        [stored] = await store.read_all(0, 10)
+        # Where the first commit put it, read back by id.
+        assert result.unwrap() == {
+            uuid.UUID(stored_id): (stored.global_position, stored.recorded_at)
+        }
         assert not store._writer.raw.in_transaction
         assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
 

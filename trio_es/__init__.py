@@ -25,6 +25,7 @@ from ._api import load_events_from as load_events_from
 from ._api import system_stats as system_stats
 from ._errors import ActorTimeout as ActorTimeout
 from ._errors import AggregateCrashed as AggregateCrashed
+from ._errors import CheckpointMoved as CheckpointMoved
 from ._errors import CommitOutcomeUnknown as CommitOutcomeUnknown
 from ._errors import ConcurrencyConflict as ConcurrencyConflict
 from ._errors import DomainError as DomainError
@@ -33,12 +34,14 @@ from ._errors import EventSourcingError as EventSourcingError
 from ._errors import EventStoreError as EventStoreError
 from ._errors import MailboxFull as MailboxFull
 from ._errors import NonPositiveArgument as NonPositiveArgument
+from ._errors import ProjectionFailed as ProjectionFailed
 from ._errors import SystemStopped as SystemStopped
 from ._errors import TransactionFailed as TransactionFailed
 from ._errors import TransactionRolledBack as TransactionRolledBack
 from ._errors import describe_error as describe_error
 from ._facade import EventSourcing as EventSourcing
 from ._facade import open_eventsourcing as open_eventsourcing
+from ._projection import Projection as Projection
 from ._runtime import Query as Query
 from ._runtime import RuntimeOptions as RuntimeOptions
 from ._runtime import supervised as supervised
@@ -50,6 +53,8 @@ from ._subject import named_subject as named_subject
 from ._subject import new_name as new_name
 from ._subject import new_subject as new_subject
 from ._subject import receive as receive
+from ._subscription import Subscription as Subscription
+from ._subscription import subscribe as subscribe
 from ._supervisor import SupervisorGaveUp as SupervisorGaveUp
 from ._types import Aggregate as Aggregate
 from ._types import AggregateMessage as AggregateMessage
@@ -58,6 +63,7 @@ from ._types import EventEnvelope as EventEnvelop
 from ._types import EventEnvelope as EventEnvelope
 from ._types import ExecuteCommand as ExecuteCommand
 from ._types import ExecuteCommandWithResponse as ExecuteCommandWithResponse
+from ._types import ExecuteResult as ExecuteResult
 from ._types import GetAggregateStats as GetAggregateStats
 from ._types import GetSystemStats as GetSystemStats
 from ._types import LoadAggregate as LoadAggregate
@@ -69,6 +75,7 @@ from ._types import MemoryStoreEventEnvelope as MemoryStoreEventEnvelope
 from ._types import Message as Message
 from ._types import Metadata as Metadata
 from ._types import ProcessEvents as ProcessEvents
+from ._types import ProjectionStats as ProjectionStats
 from ._types import Reply as Reply
 from ._types import SerializedEventEnvelope as SerializedEventEnvelop
 from ._types import SerializedEventEnvelope as SerializedEventEnvelope
@@ -87,6 +94,7 @@ __all__ = [
     "AggregateCrashed",
     "AggregateMessage",
     "AggregateStats",
+    "CheckpointMoved",
     "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "DEFAULT_CAPACITY",
@@ -100,6 +108,7 @@ __all__ = [
     "EventStoreError",
     "ExecuteCommand",
     "ExecuteCommandWithResponse",
+    "ExecuteResult",
     "Frequency",
     "GetAggregateStats",
     "GetSystemStats",
@@ -115,6 +124,9 @@ __all__ = [
     "Name",
     "NonPositiveArgument",
     "ProcessEvents",
+    "Projection",
+    "ProjectionFailed",
+    "ProjectionStats",
     "Query",
     "Reply",
     "RuntimeOptions",
@@ -124,6 +136,7 @@ __all__ = [
     "SnapshotConfig",
     "StoredEvent",
     "Subject",
+    "Subscription",
     "SupervisorGaveUp",
     "SystemStats",
     "SystemStopped",
@@ -145,6 +158,7 @@ __all__ = [
     "new_subject",
     "open_eventsourcing",
     "receive",
+    "subscribe",
     "supervised",
     "system_stats",
     "timeout",

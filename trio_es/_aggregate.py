@@ -58,7 +58,7 @@ from ._errors import (
     MailboxFull,
     TransactionFailed,
 )
-from ._store import EventStore, events_iterator
+from ._store import EventStore, committed_envelopes, events_iterator
 from ._subject import Subject
 from ._types import (
     Aggregate,
@@ -67,6 +67,8 @@ from ._types import (
     EventEnvelope,
     ExecuteCommand,
     ExecuteCommandWithResponse,
+    ExecuteForResult,
+    ExecuteResult,
     GetAggregateStats,
     LoadAggregate,
     LoadAllEvents,
@@ -99,8 +101,8 @@ EntityT = TypeVar("EntityT")
 #: Empty in every real use.
 planted_bugs: set[str] = set()
 
-Execute = ExecuteCommand | ExecuteCommandWithResponse
-_EXECUTES: Final = (ExecuteCommand, ExecuteCommandWithResponse)
+Execute = ExecuteCommand | ExecuteCommandWithResponse | ExecuteForResult
+_EXECUTES: Final = (ExecuteCommand, ExecuteCommandWithResponse, ExecuteForResult)
 #: The most commands one batch (one commit) takes.
 MAX_BATCH: Final = 64
 #: Back-off before retrying a failed transaction: full jitter over an exponential window.
@@ -199,7 +201,7 @@ class Shared(Generic[CommandT, EventT, EntityT]):
             scope.deadline = min(scope.deadline, deadline)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class _Decided:
     """One command of a batch after ``handle`` and ``apply``: its events and the state after."""
 
@@ -208,6 +210,19 @@ class _Decided:
     entity: Any
     #: The domain's rejection or a bad return value: answered after the commit, nothing stored.
     refusal: Exception | None = None
+    #: Once committed: the aggregate's sequence after this command's events.
+    sequence: int = 0
+    #: Once committed: the global position of its last event (None: no events, or a
+    #: store that keeps none).
+    global_position: int | None = None
+
+    def result(self, aggregate_id: str) -> outcome.Outcome[Any]:
+        """The caller's answer once the batch committed."""
+        if self.refusal is not None:
+            return outcome.Error(self.refusal)
+        if isinstance(self.message, ExecuteForResult):
+            return outcome.Value(ExecuteResult(aggregate_id, self.sequence, self.global_position))
+        return outcome.Value(None)
 
 
 @attrs.define(eq=False)
@@ -499,12 +514,7 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                         await shared.publish(self.aggregate_id, envelopes)
                 finally:
                     for item in committed:
-                        result = (
-                            outcome.Value(None)
-                            if item.refusal is None
-                            else outcome.Error(item.refusal)
-                        )
-                        self._answer(item.message, result)
+                        self._answer(item.message, item.result(self.aggregate_id))
                     if "rerun_committed_batch" in planted_bugs and len(committed) > 1:
                         self._give_back([committed[-1].message])
             finally:
@@ -569,6 +579,8 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         refused: tuple[int, Exception] | None = None
         sequence, entity = self.sequence, self.entity
         if not any(item.refusal is None and item.events for item in decided):
+            for item in decided:
+                item.sequence = sequence
             return decided, published, None  # nothing to store: no transaction at all
         snapshot_due = False
         try:
@@ -591,6 +603,7 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                             break
                         published.append(envelopes)
                         entity = item.entity
+                    item.sequence = sequence
                     committed.append(item)
                 if "publish_before_commit" in planted_bugs:
                     for envelopes in published:
@@ -604,27 +617,46 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                     )
         except CommitOutcomeUnknown:
             self.stale = True
-            if not await self._landed(published):
+            stored = await self._landed(published)
+            if stored is None:
                 raise
             # The store could not tell, but the stream holds this commit's own events
-            # (found by event id): it landed, so it is answered and published as such.
+            # (found by event id): it landed, so it is answered and published as such,
+            # with the places the stream gives them.
+            published = [[stored.get(e.event_id, e) for e in envelopes] for envelopes in published]
         except BaseException:
             self.stale = True
             raise
+        else:
+            published = [committed_envelopes(tx, envelopes) for envelopes in published]
+        self._place(committed, published)
         self.entity, self.sequence = entity, sequence
         if snapshot_due:
             self.has_snapshot = True
         return committed, published, refused
 
-    async def _landed(self, published: list[Sequence[EventEnvelope[EventT]]]) -> bool:
-        """Whether a commit whose outcome the store could not learn is in the stream now.
+    @staticmethod
+    def _place(committed: list[_Decided], published: list[Sequence[EventEnvelope[EventT]]]) -> None:
+        """Give each committed command the global position of its last event."""
+        # ``published`` holds one entry per committed command with events, in order.
+        commits = iter(published)
+        for item in committed:
+            if item.refusal is None and item.events:
+                envelopes = next(commits, None)
+                item.global_position = envelopes[-1].global_position if envelopes else None
+
+    async def _landed(
+        self, published: list[Sequence[EventEnvelope[EventT]]]
+    ) -> dict[Any, EventEnvelope[EventT]] | None:
+        """The stream's envelopes by event id, if a commit whose outcome the store could
+        not learn is in the stream now; ``None`` while that stays unknown.
 
         Only an event id is proof (another writer may have stored equal events), so a
-        store whose envelopes carry no ids, or a failed read, leaves it unknown (False).
+        store whose envelopes carry no ids, or a failed read, leaves it unknown.
         """
         event_id = next((e.event_id for envelopes in published for e in envelopes), None)
         if event_id is None:
-            return False
+            return None
         try:
             stored = await self._events(self.sequence)
         except Exception as error:
@@ -633,8 +665,9 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                 self.aggregate_id,
                 error,
             )
-            return False
-        return any(envelope.event_id == event_id for envelope in stored)
+            return None
+        by_id = {envelope.event_id: envelope for envelope in stored}
+        return by_id if event_id in by_id else None
 
     def _fail(
         self,

@@ -14,6 +14,7 @@ from typing import Any, final
 __all__ = [
     "ActorTimeout",
     "AggregateCrashed",
+    "CheckpointMoved",
     "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "DomainError",
@@ -22,6 +23,7 @@ __all__ = [
     "EventStoreError",
     "MailboxFull",
     "NonPositiveArgument",
+    "ProjectionFailed",
     "SystemStopped",
     "TransactionFailed",
     "TransactionRolledBack",
@@ -245,6 +247,48 @@ class CommitOutcomeUnknown(EventStoreError):
             f"{self.message or 'the commit was sent'}{_about(self.aggregate_id)}; it may or "
             "may not be stored, so load the aggregate's events before retrying"
         )
+
+
+@final
+class CheckpointMoved(EventStoreError):
+    """A projection's stored checkpoint was not where its active instance left it.
+
+    Only a rebuild (which resets the checkpoint to 0) moves it from elsewhere; the
+    projection restarts from the stored checkpoint, keeping nothing of the batch.
+    """
+
+    name: str
+    expected: int
+    found: int | None
+
+    def __init__(self, *, name: str, expected: int, found: int | None) -> None:
+        super().__init__(
+            f"the checkpoint of projection {name!r} is at {found} where it should be at "
+            f"{expected} (reset by a rebuild?); the projection restarts from the stored "
+            "checkpoint"
+        )
+        self.name, self.expected, self.found = name, expected, found
+
+
+@final
+class ProjectionFailed(EventSourcingError):
+    """A projection stopped because one batch kept failing, or is not running.
+
+    The events from ``position + 1`` on were not processed; fix the handler (or the
+    data) and restart the system, or rebuild the projection. Raised by
+    :meth:`~trio_es.EventSourcing.wait_for_projection` instead of waiting forever.
+    """
+
+    name: str
+    position: int
+    reason: str
+
+    def __init__(self, name: str, position: int, reason: str) -> None:
+        super().__init__(name, position, reason)
+        self.name, self.position, self.reason = name, position, reason
+
+    def __str__(self) -> str:
+        return f"projection {self.name!r} stopped at position {self.position}: {self.reason}"
 
 
 @final

@@ -13,7 +13,7 @@ queue up; when the batch is done the first of them leads the next batch with all
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar, final
+from typing import Any, Generic, TypeVar, final
 
 import attrs
 import outcome
@@ -27,14 +27,15 @@ PlanT = TypeVar("PlanT")
 
 #: Commits a batch in one database transaction and returns one outcome per plan, in order.
 #: A failure of one plan (a concurrency conflict, a row the database refuses) is that
-#: plan's outcome; raising fails the whole batch (nothing of it was written).
-CommitBatch = Callable[[list[PlanT]], Awaitable[list[outcome.Outcome[None]]]]
+#: plan's outcome; raising fails the whole batch (nothing of it was written). A plan's
+#: value (e.g. where its events were stored) is what :meth:`GroupCommit.commit` returns.
+CommitBatch = Callable[[list[PlanT]], Awaitable[list[outcome.Outcome[Any]]]]
 
 
 @attrs.define(eq=False)
 class _Waiter(Generic[PlanT]):
     plan: PlanT
-    result: outcome.Outcome[None] | None = None
+    result: outcome.Outcome[Any] | None = None
     promoted: bool = False
     wake: trio.Event = attrs.Factory(trio.Event)
 
@@ -89,11 +90,12 @@ class GroupCommit(Generic[PlanT]):
     # raised between two lines of the queue bookkeeping could leave a waiter unanswered
     # or the lead with nobody. It arrives at a checkpoint instead, where it is handled.
     @trio.lowlevel.enable_ki_protection
-    async def commit(self, plan: PlanT) -> None:
+    async def commit(self, plan: PlanT) -> Any:
         """Commit ``plan``, alone or with the plans of other tasks committing now.
 
-        Raises whatever made this plan (or its whole batch) fail; see the class docstring
-        for what the callers of a failed or interrupted batch get.
+        Returns the value ``commit_batch`` gave for this plan. Raises whatever made this
+        plan (or its whole batch) fail; see the class docstring for what the callers of a
+        failed or interrupted batch get.
         """
         waiter: _Waiter[PlanT] = _Waiter(plan)
         self._queue.append(waiter)
@@ -113,11 +115,11 @@ class GroupCommit(Generic[PlanT]):
             self._busy = True
             await self._lead()
         assert waiter.result is not None
-        waiter.result.unwrap()
+        return waiter.result.unwrap()
 
     async def _lead(self) -> None:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        answers: list[outcome.Outcome[None]] | None = None
+        answers: list[outcome.Outcome[Any]] | None = None
         failure: BaseException | None = None
         try:
             plans = [waiter.plan for waiter in batch]
@@ -141,7 +143,7 @@ class GroupCommit(Generic[PlanT]):
     def _answer(
         self,
         batch: list[_Waiter[PlanT]],
-        answers: list[outcome.Outcome[None]] | None,
+        answers: list[outcome.Outcome[Any]] | None,
         failure: BaseException | None,
     ) -> None:
         if answers is None:
@@ -168,7 +170,7 @@ class GroupCommit(Generic[PlanT]):
             self._busy = False
 
 
-def _failed(*, batch_size: int, failure: BaseException) -> list[outcome.Outcome[None]]:
+def _failed(*, batch_size: int, failure: BaseException) -> list[outcome.Outcome[Any]]:
     """One outcome per waiter of a batch that raised ``failure``, each with its own error.
 
     The first waiter is the leader, which raises ``failure`` itself; its outcome is

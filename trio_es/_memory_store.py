@@ -2,25 +2,41 @@
 
 Events live in per-aggregate Python lists: appending costs O(events appended), reading a
 tail costs O(tail). Nothing survives the process; use it for tests and prototypes.
+
+Both are projection sources (see :class:`~trio_es._store.ProjectionSource`): events get
+global positions from 1 in commit order, a commit wakes the store's watches at once, and
+projection leases and checkpoints live in the store object (one lease per projection
+name at a time; checkpoints are lost with the process, like the events).
 """
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import attrs
 import outcome
 import trio
 
-from ._errors import ConcurrencyConflict, EventStoreError
+from ._errors import CheckpointMoved, ConcurrencyConflict, EventStoreError
 from ._store import check_events, check_read_all
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
-from ._types import Aggregate, MemoryStoreEventEnvelope, Metadata, Snapshot, StoredEvent, utc_now
-from ._validated import Timeout
+from ._trio_util import AsyncValue, async_value
+from ._types import (
+    Aggregate,
+    EventEnvelope,
+    MemoryStoreEventEnvelope,
+    Metadata,
+    Snapshot,
+    StoredEvent,
+    utc_now,
+)
+from ._validated import Timeout, check_int, check_seconds
+from ._watch import HeadWatch, check_projection_name, raise_head
 
 __all__ = ["MemoryStore", "MemoryTransaction", "SupervisedMemoryStore", "supervised"]
 
@@ -37,6 +53,9 @@ class MemoryTransaction(Generic[EventT, EntityT]):
     #: The stored sequence each appended aggregate had when the transaction first wrote it.
     expected: dict[str, int] = attrs.Factory(dict)
     snapshots: dict[str, Snapshot[EntityT]] = attrs.Factory(dict)
+    #: Once committed: each committed event's id mapped to its ``(global_position,
+    #: recorded_at)``, for :func:`~trio_es._store.committed_envelopes`.
+    recorded: dict[uuid.UUID, tuple[int, datetime.datetime]] = attrs.Factory(dict)
 
 
 @final
@@ -48,6 +67,14 @@ class _Log(Generic[EventT, EntityT]):
     snapshots: dict[str, Snapshot[EntityT]] = attrs.Factory(dict)
     #: Every event in commit order; event at global position p sits at index p - 1.
     log: list[StoredEvent[EventT]] = attrs.Factory(list)
+    #: The last global position committed, raised right after each commit.
+    head: AsyncValue[int] = attrs.Factory(lambda: async_value(0))
+    #: Projection checkpoints by name (a name is missing until its first checkpoint()).
+    checkpoints: dict[str, int] = attrs.Factory(dict)
+    #: One token per projection name: its holder is the projection's active instance. A
+    #: semaphore, not a lock: a task may wait for a lease it holds itself (a second
+    #: instance of the projection started from the same task).
+    leases: dict[str, trio.Semaphore] = attrs.Factory(dict)
 
     def sequence(self, aggregate_id: str) -> int:
         stream = self.events.get(aggregate_id)
@@ -66,15 +93,125 @@ class _Log(Generic[EventT, EntityT]):
                     aggregate_id=aggregate_id, expected_sequence=expected, actual_sequence=actual
                 )
         now = utc_now()
+        position = len(self.log)
         for aggregate_id, envelopes in tx.appends.items():
-            self.events.setdefault(aggregate_id, []).extend(envelopes)
-            base = len(self.log)
-            self.log.extend(
-                StoredEvent(base + i, envelope, now) for i, envelope in enumerate(envelopes, 1)
-            )
+            stream = self.events.setdefault(aggregate_id, [])
+            for envelope in envelopes:
+                position += 1
+                # The staged envelope stays as commit_events returned it; the stored one
+                # knows its place (committed_envelopes gives the caller the same).
+                stored = MemoryStoreEventEnvelope(
+                    envelope.aggregate_id,
+                    envelope.sequence,
+                    envelope.payload,
+                    envelope.metadata,
+                    event_id=envelope.event_id,
+                    global_position=position,
+                    recorded_at=now,
+                )
+                stream.append(stored)
+                self.log.append(StoredEvent(position, stored, now))
+                if envelope.event_id is not None:
+                    tx.recorded[envelope.event_id] = (position, now)
+        raise_head(self.head, position)
+
+    async def read_all(self, after_position: object, limit: object) -> list[StoredEvent[EventT]]:
+        after, count = check_read_all(after_position, limit)
+        # A checkpoint, as every Trio async call: a subscriber paging through a long log
+        # lets other tasks (committers among them) run between pages.
+        await trio.lowlevel.checkpoint()
+        return self.log[after : after + count]
+
+    async def checkpoint_position(self, name: object) -> int:
+        name = check_projection_name(name)
+        await trio.lowlevel.checkpoint()
+        return self.checkpoints.get(name, 0)
+
+    @asynccontextmanager
+    async def lease(self, name: object) -> AsyncIterator[_MemoryLease]:
+        name = check_projection_name(name)
+        token = self.leases.setdefault(name, trio.Semaphore(1))
+        # Fair: standbys take over in the order they asked.
+        async with token:
+            lease = _MemoryLease(self, name)
+            try:
+                yield lease
+            finally:
+                lease.ended = True
 
     def apply_snapshots(self, tx: MemoryTransaction[EventT, EntityT]) -> None:
         self.snapshots.update(tx.snapshots)
+
+
+_NO_DATABASE = (
+    "transactional projections need a SQL store (SqliteStore or PostgresStore): the memory "
+    "store keeps no database connection to pass to {what}; use a SQL store, or a projection "
+    "with transactional=False"
+)
+
+
+@final
+@attrs.define(eq=False)
+class _MemoryLease:
+    """A projection's lease in a memory store: its checkpoint lives in the store object."""
+
+    _log: _Log[Any, Any]
+    name: str
+    ended: bool = False
+
+    def _check(self) -> None:
+        if self.ended:
+            raise EventStoreError(
+                f"the lease of projection {self.name!r} has ended; use it only inside its "
+                "async with store.projection_lease(...) block"
+            )
+
+    async def checkpoint(self) -> int:
+        """The stored checkpoint (0 for a projection that never ran)."""
+        await trio.lowlevel.checkpoint()
+        self._check()
+        return self._log.checkpoints.setdefault(self.name, 0)
+
+    async def advance(self, expected: int, position: int) -> None:
+        """Move the checkpoint from ``expected`` to ``position``.
+
+        Raises:
+            CheckpointMoved: the stored checkpoint is not ``expected``; nothing changed.
+        """
+        expected = check_int("expected", expected, minimum=0)
+        position = check_int("position", position, minimum=0)
+        await trio.lowlevel.checkpoint()
+        self._check()
+        found = self._log.checkpoints.get(self.name)
+        if found != expected:
+            raise CheckpointMoved(name=self.name, expected=expected, found=found)
+        self._log.checkpoints[self.name] = position
+
+    async def advance_with(
+        self,
+        expected: int,
+        position: int,
+        fn: Callable[[Any, list[EventEnvelope[Any]]], None],
+        batch: list[EventEnvelope[Any]],
+    ) -> None:
+        """Refused: the memory store has no database transaction to run ``fn`` in.
+
+        Raises:
+            TypeError: always; nothing changes.
+        """
+        raise TypeError(_NO_DATABASE.format(what="advance_with's fn"))
+
+    async def reset(self, fn: Callable[[Any], None] | None = None) -> None:
+        """Set the checkpoint to 0; ``fn`` must be ``None`` (there is no database).
+
+        Raises:
+            TypeError: ``fn`` is given; nothing changes.
+        """
+        if fn is not None:
+            raise TypeError(_NO_DATABASE.format(what="reset's fn"))
+        await trio.lowlevel.checkpoint()
+        self._check()
+        self._log.checkpoints[self.name] = 0
 
 
 def _stage(
@@ -123,6 +260,10 @@ def _with_pending(
     return stored + [e for e in pending if e.sequence > start_from]
 
 
+def _check_poll(_: object, __: object, value: object) -> None:
+    check_seconds("poll_interval", value, hint="1.0 suits most uses")
+
+
 @final
 @attrs.define(eq=False)
 class MemoryStore(Generic[EventT, EntityT]):
@@ -131,8 +272,14 @@ class MemoryStore(Generic[EventT, EntityT]):
     Transactions buffer their writes and apply them atomically on commit: a transaction
     sees its own writes, and a concurrent writer that got there first makes the commit
     fail with ``ConcurrencyConflict`` without writing anything.
+
+    Attributes:
+        poll_interval: the longest a watch waits without a commit before returning (its
+            subscriber then reads and waits again), in seconds. Every commit of a memory
+            store wakes its watches at once, so this matters little here.
     """
 
+    poll_interval: float = attrs.field(default=1.0, kw_only=True, validator=_check_poll)
     _log: _Log[EventT, EntityT] = attrs.field(factory=_Log, init=False)
 
     @asynccontextmanager
@@ -184,8 +331,34 @@ class MemoryStore(Generic[EventT, EntityT]):
 
         Positions start at 1 and have no gaps: a rolled-back transaction takes none.
         """
-        after_position, limit = check_read_all(after_position, limit)
-        return self._log.log[after_position : after_position + limit]
+        return await self._log.read_all(after_position, limit)
+
+    async def head_position(self) -> int:
+        """The global position of the last committed event (0 with none)."""
+        await trio.lowlevel.checkpoint()
+        return len(self._log.log)
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[HeadWatch]:
+        """Wake-ups for one subscriber: at once on each commit, else every poll interval."""
+        yield HeadWatch(self._log.head, self.poll_interval)
+
+    async def checkpoint_position(self, name: str) -> int:
+        """Projection ``name``'s checkpoint (0 when it never ran), read without its lease."""
+        return await self._log.checkpoint_position(name)
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[_MemoryLease]:
+        """Wait until no other lease of projection ``name`` on this store object is held.
+
+        Leases and checkpoints live in this store object: another store object (or
+        process) knows nothing of them. ``advance_with`` and ``reset(fn)`` raise
+        ``TypeError``: there is no database transaction to run ``fn`` in.
+
+        Raises:
+            TypeError: ``name`` is not a str.
+            ValueError: ``name`` is empty.
+        """
+        return self._log.lease(name)
 
 
 # The supervised variant, as in the Gleam package: an events actor and a snapshot actor under a
@@ -251,11 +424,19 @@ class SupervisedMemoryStore(Generic[EventT, EntityT]):
     Every call waits at most ``call_timeout`` for the actor's reply, then raises
     ``ActorTimeout``. Events commit before snapshots; a snapshot is derived data, so a
     crash between the two loses nothing that matters.
+
+    The projection-source calls (``read_all``, ``head_position``, ``watch``,
+    ``projection_lease``) read the data the actors share directly, as
+    :class:`MemoryStore` does: they need no actor, so they work while one restarts.
     """
 
     events_name: Name[Any]
     snapshot_name: Name[Any]
     call_timeout: Timeout = Timeout(5000)
+    #: As :attr:`MemoryStore.poll_interval`.
+    poll_interval: float = attrs.field(default=1.0, kw_only=True, validator=_check_poll)
+    #: The data the actors serve; give the one they share (``supervised`` does).
+    _log: _Log[EventT, EntityT] = attrs.field(factory=_Log, kw_only=True, alias="log")
 
     async def _call(self, name: Name[Any], make: Any) -> Any:
         reply: Subject[Any] = new_subject(capacity=1, label=f"reply from {name.label}")
@@ -310,16 +491,43 @@ class SupervisedMemoryStore(Generic[EventT, EntityT]):
     ) -> None:
         tx.snapshots[snapshot.aggregate_id] = snapshot
 
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> list[StoredEvent[EventT]]:
+        """As :meth:`MemoryStore.read_all`."""
+        return await self._log.read_all(after_position, limit)
+
+    async def head_position(self) -> int:
+        """The global position of the last committed event (0 with none)."""
+        await trio.lowlevel.checkpoint()
+        return len(self._log.log)
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[HeadWatch]:
+        """As :meth:`MemoryStore.watch`."""
+        yield HeadWatch(self._log.head, self.poll_interval)
+
+    async def checkpoint_position(self, name: str) -> int:
+        """As :meth:`MemoryStore.checkpoint_position`."""
+        return await self._log.checkpoint_position(name)
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[_MemoryLease]:
+        """As :meth:`MemoryStore.projection_lease`."""
+        return self._log.lease(name)
+
 
 def supervised(
     events_name: Name[Any],
     snapshot_name: Name[Any],
     strategy: Strategy = Strategy.ONE_FOR_ONE,
+    *,
+    poll_interval: float = 1.0,
 ) -> tuple[SupervisedMemoryStore[Any, Any], ChildSpecification]:
     """Build the Gleam package's supervised memory store: two actors under one supervisor.
 
     Returns the store and the child specification to start under your supervision tree;
-    the store's calls are answered once that supervisor runs.
+    the store's calls are answered once that supervisor runs. ``poll_interval`` is the
+    store's (see :attr:`MemoryStore.poll_interval`).
     """
     log: _Log[Any, Any] = _Log()
 
@@ -334,4 +542,7 @@ def supervised(
         .add(worker(events_actor, name=events_name))
         .add(worker(snapshot_actor, name=snapshot_name))
     )
-    return SupervisedMemoryStore(events_name, snapshot_name), supervisor.supervised()
+    store: SupervisedMemoryStore[Any, Any] = SupervisedMemoryStore(
+        events_name, snapshot_name, poll_interval=poll_interval, log=log
+    )
+    return store, supervisor.supervised()

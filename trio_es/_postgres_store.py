@@ -4,7 +4,8 @@ How it talks to PostgreSQL: psycopg 3 connections are blocking, so every databas
 runs in a worker thread (``trio.to_thread.run_sync``). The store keeps a small pool of
 connections, each with its own ``CapacityLimiter(1)``: at most one thread ever uses a
 connection, and a task that takes a connection whose previous (cancelled) call is still
-finishing waits for that thread first.
+finishing waits for that thread first (see ``_postgres_connection.py``, which watches and
+projection leases use too).
 
 A thread hop costs far more than the Python around it, so a transaction makes at most
 one hop to write: ``commit_events`` and ``save_snapshot`` only encode and buffer (a
@@ -17,7 +18,12 @@ Commit order: every transaction that inserts events takes one transaction-scoped
 advisory lock per events table just before its INSERT and holds it to COMMIT, so
 ``global_position`` values are drawn and made visible in one serial order. That is what
 lets a reader page through :meth:`PostgresStore.read_all` without ever skipping an event
-(see :meth:`PostgresStore.read_all` for the argument).
+(see :meth:`PostgresStore.read_all` for the argument). The inserts return their
+positions in the same round trip, so a committed transaction handle knows where each
+of its events is (``recorded``, for ``committed_envelopes``), and the transaction ends
+with ``pg_notify`` of its last position on the table's channel, which PostgreSQL
+delivers to every listener when (and only when) it commits: subscribers in other
+processes are woken at once (see ``_postgres_listen.py``).
 
 Cancellation: a cancelled call asks the server to cancel the running statement
 (``Connection.cancel_safe``), lets the thread finish and roll back, and only then lets
@@ -32,20 +38,23 @@ out on a fresh connection. It first ends the old session if it still lives
 (``pg_terminate_backend``, checked by pid and start time, waiting for it to exit), so that
 the outcome can no longer change; then, holding the commit lock (so that a commit still
 in progress finishes first), it looks one of the batch's event ids up. Found: the batch
-committed, and every caller is told so. Not found: nothing was written, the retryable
-``TransactionFailed``. Cannot tell within ``_RESOLVE_SECONDS`` (server unreachable, the
-old session would not stop): ``CommitOutcomeUnknown``.
+committed, every caller is told so, and its events' positions are read back by id. Not
+found: nothing was written, the retryable ``TransactionFailed``. Cannot tell within
+``_RESOLVE_SECONDS`` (server unreachable, the old session would not stop):
+``CommitOutcomeUnknown``.
+
+Projections: :meth:`PostgresStore.projection_lease` makes one instance active across
+processes with a session advisory lock on a connection of its own, which also reads and
+moves the checkpoint (see ``_postgres_lease.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import enum
 import hashlib
 import logging
 import re
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -60,6 +69,21 @@ from psycopg.pq import TransactionStatus
 
 from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError, TransactionFailed
 from ._group_commit import GroupCommit
+from ._postgres_connection import (
+    CLEANUP_SECONDS,
+    Backend,
+    Call,
+    CallFn,
+    Connection,
+    PooledConnection,
+    close_quietly,
+    connect,
+    describe_server,
+    first_line,
+    translate_error,
+)
+from ._postgres_lease import PostgresLease, check_projection_name, hold_lease
+from ._postgres_listen import PostgresWatch, open_watch
 from ._serialization import Transcoder
 from ._sql import (
     SCHEMA_VERSION,
@@ -79,12 +103,16 @@ from ._sql import (
     check_version_to_open,
     find_conflict,
     max_sequence,
+    notify_channel,
+    parse_utc,
     pending_writes,
     transaction_block,
     translate_outcomes,
 )
+from ._trio_util import AsyncValue, async_value
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
-from ._validated import check_int
+from ._validated import check_int, check_seconds
+from ._watch import raise_head
 
 __all__ = ["PostgresStore", "PostgresTransaction"]
 
@@ -94,66 +122,15 @@ EventT = TypeVar("EventT")
 EntityT = TypeVar("EntityT")
 T = TypeVar("T")
 
-#: How long (seconds) cleanup after a cancellation may take before the connection is dropped.
-_CLEANUP_SECONDS: Final = 10.0
-#: How long (seconds) the cancel request to the server may take.
-_CANCEL_SECONDS: Final = 5.0
-#: How often (seconds) a cancel request is repeated while a cancelled call still runs.
-_CANCEL_RETRY_SECONDS: Final = 0.5
-#: libpq's ``connect_timeout`` (whole seconds).
-_CONNECT_SECONDS: Final = 10
+#: The old name of :func:`describe_server`, which ``trio_es._inspect`` imports from here.
+_describe_server: Final = describe_server
+
 #: How long (seconds) finding out whether a commit with a lost connection landed may take.
 _RESOLVE_SECONDS: Final = 10.0
 #: The pause (seconds) between two attempts at finding out, when one lost its connection.
 _RESOLVE_RETRY_SECONDS: Final = 0.05
 #: How long (ms) the server waits for the lost session to exit, and for the commit lock.
 _RESOLVE_WAIT_MS: Final = 5000
-
-Connection = psycopg.Connection[tuple[Any, ...]]
-
-
-class _CallState(enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    SKIPPED = "skipped"
-
-
-class _Interrupted(Exception):
-    """Internal: a worker thread stopped early because the calling task was cancelled."""
-
-
-#: A server session: its pid and start time (a pid alone may be reused by a later session).
-_Backend = tuple[int, datetime.datetime]
-
-
-@attrs.define(eq=False)
-class _Call:
-    """One thread call, shared by the worker thread and the Trio side.
-
-    ``state`` tells the Trio side whether a statement may be running (so whether to
-    send the server a cancel request); ``interrupted`` tells the thread to start no
-    further statement. Both change under ``lock``.
-    """
-
-    #: The server session the call runs on, if known (see ``_CommitOutcomeUnknown``).
-    backend: _Backend | None = None
-    lock: threading.Lock = attrs.Factory(threading.Lock)
-    state: _CallState = _CallState.PENDING
-    interrupted: bool = False
-
-    def checkpoint(self) -> None:
-        """Raise ``_Interrupted`` if the caller was cancelled; call between statements.
-
-        A cancel request only stops the statement running when it arrives; one that
-        lands between two statements would be lost without this.
-        """
-        if self.interrupted:
-            raise _Interrupted
-
-
-#: What runs in a worker thread: ``fn(connection, call)``.
-CallFn = Callable[[Connection, _Call], T]
 
 
 class _CommitOutcomeUnknown(Exception):
@@ -170,198 +147,13 @@ class _CommitOutcomeUnknown(Exception):
         reason: str,
         plans: list[_Commit],
         results: list[outcome.Outcome[None]],
-        backend: _Backend | None,
+        backend: Backend | None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.plans = plans
         self.results = results
         self.backend = backend
-
-
-@attrs.define(eq=False)
-class _PooledConnection:
-    """One psycopg connection and the limiter that keeps it to one thread at a time."""
-
-    raw: Connection
-    #: The server session behind ``raw``, if known.
-    backend: _Backend | None = None
-    reused: bool = False
-    limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
-    # Guards ``busy`` and ``discarded`` between the worker thread and the Trio thread, so
-    # exactly one of them closes a discarded connection.
-    lock: threading.Lock = attrs.Factory(threading.Lock)
-    busy: bool = False
-    discarded: bool = False
-
-    def usable(self) -> bool:
-        """Whether the connection can go back to the pool: open, idle, not given up on."""
-        raw = self.raw
-        return (
-            not self.discarded
-            and not raw.closed
-            and raw.info.transaction_status == TransactionStatus.IDLE
-        )
-
-    def discard(self) -> None:
-        """Give up on the connection; it is closed now, or by its thread when that ends."""
-        with self.lock:
-            self.discarded = True
-            if self.busy:
-                return
-        _close_quietly(self.raw)
-
-    # -- worker thread side --
-
-    def _execute(self, fn: CallFn[T], call: _Call) -> T:
-        with call.lock:
-            if call.state is _CallState.SKIPPED:
-                raise _Interrupted
-            call.state = _CallState.RUNNING
-        with self.lock:
-            self.busy = True
-        try:
-            return fn(self.raw, call)
-        finally:
-            self._tidy()
-            with call.lock:
-                call.state = _CallState.DONE
-            with self.lock:
-                self.busy = False
-                close = self.discarded
-            if close:
-                _close_quietly(self.raw)
-
-    def _tidy(self) -> None:
-        """Leave the connection idle: roll back whatever the call left open."""
-        raw = self.raw
-        # A cancel request that arrives late can hit the ROLLBACK itself; try twice.
-        for _ in range(2):
-            if raw.closed or raw.info.transaction_status == TransactionStatus.IDLE:
-                return
-            try:
-                raw.rollback()
-            except psycopg.Error:
-                continue
-        if not raw.closed and raw.info.transaction_status != TransactionStatus.IDLE:
-            with self.lock:
-                self.discarded = True
-
-    def _cancel_statement(self) -> None:
-        try:
-            self.raw.cancel_safe(timeout=_CANCEL_SECONDS)
-        except psycopg.Error as error:
-            logger.warning("could not cancel a PostgreSQL statement: %s", error)
-
-    # -- Trio side --
-
-    async def run(self, fn: CallFn[T]) -> T:
-        """Run ``fn(connection, call)`` in a worker thread.
-
-        On cancellation the server is asked to cancel the running statement, the thread
-        is told to start no other, and it is left to finish (rolling back); only then
-        does ``Cancelled`` propagate, with the connection idle for the next user. If
-        that takes longer than ``_CLEANUP_SECONDS`` the connection is discarded instead.
-        """
-        call = _Call(self.backend)
-        try:
-            return await trio.to_thread.run_sync(
-                self._execute,
-                fn,
-                call,
-                limiter=self.limiter,
-                abandon_on_cancel=True,
-                thread_name="trio_es postgres",
-            )
-        except trio.Cancelled:
-            with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
-                await self._stop(call)
-            if scope.cancelled_caught:
-                logger.warning("a cancelled PostgreSQL call did not stop; dropping its connection")
-                self.discard()
-            raise
-
-    async def _stop(self, call: _Call) -> None:
-        with call.lock:
-            call.interrupted = True
-            if call.state is _CallState.PENDING:
-                call.state = _CallState.SKIPPED
-        # The limiter is released once the abandoned thread has returned; from then on
-        # nothing touches the connection. Until then, cancel whatever statement runs:
-        # a request that reached the server between two statements was ignored.
-        while True:
-            with call.lock:
-                running = call.state is _CallState.RUNNING
-            if running:
-                await trio.to_thread.run_sync(self._cancel_statement, abandon_on_cancel=True)
-            with trio.move_on_after(_CANCEL_RETRY_SECONDS):
-                async with self.limiter:
-                    return
-
-
-def _close_quietly(raw: Connection) -> None:
-    try:
-        raw.close()
-    except Exception as error:  # closing must never raise into cleanup code
-        logger.debug("error closing a PostgreSQL connection: %s", error)
-
-
-@attrs.define(eq=False)
-class _Handoff:
-    """Hands a connection made in an abandoned thread back, or closes it if nobody waits."""
-
-    lock: threading.Lock = attrs.Factory(threading.Lock)
-    abandoned: bool = False
-    raw: Connection | None = None
-    backend: _Backend | None = None
-
-    def connect(self, conninfo: str) -> Connection:
-        # Autocommit: a read is one statement and needs no BEGIN/COMMIT round trips; a
-        # commit sends its own BEGIN. Settings given in the DSN win over these defaults.
-        params = psycopg.conninfo.conninfo_to_dict(conninfo)
-        defaults: dict[str, Any] = {
-            "connect_timeout": _CONNECT_SECONDS,
-            "application_name": "trio_es",
-        }
-        raw: Connection = psycopg.connect(
-            conninfo,
-            autocommit=True,
-            **{key: value for key, value in defaults.items() if key not in params},
-        )
-        try:
-            # Who this session is, so that after a lost commit the store can end exactly
-            # this session (not a later one that got its pid) before looking it up.
-            row = raw.execute(
-                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-            ).fetchone()
-        except BaseException:
-            _close_quietly(raw)
-            raise
-        if row is not None and row[1] is not None:
-            self.backend = (int(row[0]), row[1])
-        with self.lock:
-            if not self.abandoned:
-                self.raw = raw
-                return raw
-        _close_quietly(raw)
-        return raw
-
-    def abandon(self) -> None:
-        with self.lock:
-            self.abandoned = True
-            raw, self.raw = self.raw, None
-        if raw is not None:
-            _close_quietly(raw)
-
-
-def _describe_server(conninfo: str) -> str:
-    """``host:port/dbname`` of a DSN, without the password, for error messages."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "<unparsable DSN>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or params.get('user') or ''}"
 
 
 @attrs.define(eq=False)
@@ -383,27 +175,16 @@ class _Pool:
     conninfo: str = attrs.field(repr=False)  # may hold a password
     size: int
     _slots: trio.Semaphore = attrs.field(init=False)
-    _idle: list[_PooledConnection] = attrs.field(init=False, factory=list)
+    _idle: list[PooledConnection] = attrs.field(init=False, factory=list)
     _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._slots = trio.Semaphore(self.size)
 
-    async def _connect(self) -> _PooledConnection:
-        handoff = _Handoff()
-        try:
-            raw = await trio.to_thread.run_sync(
-                handoff.connect, self.conninfo, abandon_on_cancel=True
-            )
-        except trio.Cancelled:
-            handoff.abandon()
-            raise
-        except psycopg.Error as error:
-            raise TransactionFailed(
-                f"cannot connect to PostgreSQL at {_describe_server(self.conninfo)} "
-                f"({_first_line(error)}); check that the server is up and the DSN is right"
-            ) from error
-        return _PooledConnection(raw, handoff.backend)
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (the store's block has exited)."""
+        return self._closed
 
     async def run(self, fn: CallFn[T]) -> T:
         """Run ``fn(connection, call)`` on a pooled connection in a worker thread.
@@ -422,7 +203,7 @@ class _Pool:
             attempts = 0
             while True:
                 attempts += 1
-                conn = self._idle.pop() if self._idle else await self._connect()
+                conn = self._idle.pop() if self._idle else await connect(self.conninfo)
                 try:
                     return await conn.run(fn)
                 except _CommitOutcomeUnknown:
@@ -455,11 +236,6 @@ class _Pool:
 
         # Closing sends a goodbye to the server: network I/O, so not in the Trio thread.
         await trio.to_thread.run_sync(close_all, abandon_on_cancel=True)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -549,50 +325,32 @@ def _check_rows(events: Sequence[EventRow], snapshots: Sequence[SnapshotRow]) ->
             )
 
 
-def _translate(error: psycopg.Error, *, doing: str, server: str) -> Exception:
-    """A psycopg error as the trio_es error callers handle, keeping PostgreSQL's words."""
-    said = _first_line(error)
-    if isinstance(error, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
-        return TransactionFailed(
-            f"PostgreSQL aborted the transaction while {doing} ({said}); nothing was written, "
-            "retry it"
-        )
-    if isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return TransactionFailed(
-            f"PostgreSQL cancelled the statement while {doing} ({said}); nothing was written, "
-            "retry it or raise the server's statement_timeout/lock_timeout"
-        )
-    if isinstance(error, psycopg.OperationalError):
-        state = error.sqlstate
-        if state is None or state.startswith("08") or state.startswith("57P"):
-            return TransactionFailed(
-                f"lost the connection to PostgreSQL at {server} while {doing} ({said}); "
-                "nothing was committed, retry once the server is reachable"
-            )
-        return TransactionFailed(
-            f"PostgreSQL at {server} could not serve the request while {doing} ({said}); "
-            "nothing was written, retry it"
-        )
-    if isinstance(error, psycopg.errors.ReadOnlySqlTransaction):
-        return EventStoreError(
-            f"PostgreSQL at {server} is read-only ({said}) while {doing}; connect to the primary"
-        )
-    if isinstance(error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
-        return EventStoreError(
-            f"a trio_es table at {server} is missing or altered ({said}) while {doing}; "
-            "reopen the store to create it"
-        )
-    if isinstance(error, psycopg.errors.InsufficientPrivilege):
-        return EventStoreError(
-            f"PostgreSQL at {server} refused access ({said}) while {doing}; grant the user "
-            "rights on the trio_es tables"
-        )
-    return EventStoreError(f"PostgreSQL at {server} failed while {doing}: {said}")
+#: Where each event of a commit was stored: its id mapped to ``(global_position,
+#: recorded_at)``; what a committed plan's outcome holds.
+_Recorded = dict[uuid.UUID, tuple[int, datetime.datetime]]
+
+#: Most event ids looked up in one ``select_recorded`` statement.
+_RECORDED_CHUNK: Final = 1000
+
+
+def _notify_statement(events_table: str) -> str:
+    """``SELECT pg_notify(channel, last position)`` for a commit to ``events_table``.
+
+    pg_notify inside the transaction is delivered when (and only if) it commits. Run
+    under the commit lock after the inserts, ``max(global_position)`` (one probe of the
+    primary key) is the commit's last position: no other commit inserts meanwhile. (Not
+    ``currval``: it needs rights on the sequence, which inserting does not.)
+    """
+    return f"SELECT pg_notify(%s, (SELECT max(global_position) FROM {events_table})::text)"
 
 
 @attrs.frozen
 class _Commit:
-    """Everything the commit thread needs, so that it touches no shared state."""
+    """Everything the commit thread needs, so that it touches no shared state.
+
+    ``channel`` and ``notify`` (see :func:`_notify_statement`) say where and how a
+    commit that inserts events is announced; without them it is not.
+    """
 
     statements: Statements
     aggregate_type: str
@@ -600,17 +358,20 @@ class _Commit:
     expected: dict[str, int]
     events: list[EventRow]
     snapshots: list[SnapshotRow]
+    channel: str | None = None
+    notify: str | None = None
 
 
-def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+def _commit(raw: Connection, call: Call, plans: list[_Commit]) -> list[outcome.Outcome[_Recorded]]:
     """Commit the plans of one or more transactions together; one outcome per plan.
 
     Each plan is written whole or not at all. A plan decided on a stale sequence is
-    refused alone (``ConcurrencyConflict``), the others commit. Pipelined into two round
-    trips: BEGIN with the checks of every plan, then the writes with the lock and COMMIT.
-    The second one is all the time the commit lock is held (plus the server's commit),
-    which is what bounds commit throughput across all writers; a batch of plans shares it
-    and its fsync.
+    refused alone (``ConcurrencyConflict``), the others commit, each with where its
+    events were stored. Pipelined into two round trips: BEGIN with the checks of every
+    plan, then the writes with the lock, the NOTIFY and COMMIT. The second one is all
+    the time the commit lock is held (plus the server's commit), which is what bounds
+    commit throughput across all writers; a batch of plans shares it and its fsync.
+    The inserts return their positions in that same round trip.
 
     If PostgreSQL refuses a row of a batch (a writer that slipped in between our check
     and our lock, an id too long for the index), the batch is rolled back and each plan
@@ -624,66 +385,117 @@ def _commit(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.
     """
     statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
     results: list[outcome.Outcome[None]] = []
+    accepted: list[_Commit] = []
+    positions: list[int] = []
+    recorded_at = utc_now()  # taken again under the commit lock when events are inserted
     # Whether COMMIT may have reached the server. In pipeline mode ``execute`` queues a
     # statement and may send it at once, so this is set before the call.
     commit_sent = False
     try:
-        with raw.pipeline() as pipeline, raw.cursor() as cursor, raw.cursor() as checks:
-            cursor.execute("BEGIN")
-            aggregate_ids = list(dict.fromkeys(a for plan in plans for a in plan.expected))
-            stored: dict[str, int] = {}
-            if aggregate_ids:
-                # Checking before the commit lock keeps the serialized section short; a
-                # writer that slips in between is caught by the unique key.
-                checks.executemany(
-                    statements.max_sequence,
-                    [(aggregate_type, aggregate_id) for aggregate_id in aggregate_ids],
-                    returning=True,
-                )
-                pipeline.sync()
-                for aggregate_id, result in zip(aggregate_ids, checks.results(), strict=True):
-                    row = result.fetchone()
-                    stored[aggregate_id] = 0 if row is None or row[0] is None else int(row[0])
-            accepted: list[_Commit] = []
-            for plan in plans:
-                conflict = find_conflict(plan.expected, stored.__getitem__)
-                if conflict is not None:
-                    if len(plans) == 1:
-                        raise conflict
-                    results.append(outcome.Error(conflict))
-                    continue
-                accepted.append(plan)
-                results.append(outcome.Value(None))
-                for event in plan.events:
-                    stored[event.aggregate_id] = event.sequence
-            call.checkpoint()
-            snapshots = [row for plan in accepted for row in plan.snapshots]
-            if snapshots:
-                cursor.executemany(
-                    statements.upsert_snapshot,
-                    [row.parameters(aggregate_type, row.recorded_at) for row in snapshots],
-                )
-            events = [row for plan in accepted for row in plan.events]
+        # The inserts' cursor outlives the pipeline block: its results are read once
+        # leaving the block has sent the batch and received them.
+        with raw.cursor() as inserts:
+            with raw.pipeline() as pipeline, raw.cursor() as cursor, raw.cursor() as checks:
+                cursor.execute("BEGIN")
+                aggregate_ids = list(dict.fromkeys(a for plan in plans for a in plan.expected))
+                stored: dict[str, int] = {}
+                if aggregate_ids:
+                    # Checking before the commit lock keeps the serialized section short; a
+                    # writer that slips in between is caught by the unique key.
+                    checks.executemany(
+                        statements.max_sequence,
+                        [(aggregate_type, aggregate_id) for aggregate_id in aggregate_ids],
+                        returning=True,
+                    )
+                    pipeline.sync()
+                    for aggregate_id, result in zip(aggregate_ids, checks.results(), strict=True):
+                        row = result.fetchone()
+                        stored[aggregate_id] = 0 if row is None or row[0] is None else int(row[0])
+                for plan in plans:
+                    conflict = find_conflict(plan.expected, stored.__getitem__)
+                    if conflict is not None:
+                        if len(plans) == 1:
+                            raise conflict
+                        results.append(outcome.Error(conflict))
+                        continue
+                    accepted.append(plan)
+                    results.append(outcome.Value(None))
+                    for event in plan.events:
+                        stored[event.aggregate_id] = event.sequence
+                call.checkpoint()
+                snapshots = [row for plan in accepted for row in plan.snapshots]
+                if snapshots:
+                    cursor.executemany(
+                        statements.upsert_snapshot,
+                        [row.parameters(aggregate_type, row.recorded_at) for row in snapshots],
+                    )
+                events = [row for plan in accepted for row in plan.events]
+                if events:
+                    # Held until COMMIT: positions are drawn and become visible in one order.
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (plans[0].lock_key,))
+                    recorded_at = utc_now()
+                    inserts.executemany(
+                        f"{statements.insert_event} RETURNING global_position",
+                        [row.parameters(aggregate_type, recorded_at) for row in events],
+                        returning=True,
+                    )
+                    if plans[0].channel is not None and plans[0].notify is not None:
+                        cursor.execute(plans[0].notify, (plans[0].channel,))
+                commit_sent = True
+                cursor.execute("COMMIT")
+                # Leaving the pipeline block sends the batch and raises its first error.
             if events:
-                # Held until COMMIT: positions are drawn and become visible in one order.
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (plans[0].lock_key,))
-                recorded_at = utc_now()
-                cursor.executemany(
-                    statements.insert_event,
-                    [row.parameters(aggregate_type, recorded_at) for row in events],
-                )
-            commit_sent = True
-            cursor.execute("COMMIT")
-            # Leaving the pipeline block sends the batch and raises its first error.
+                positions = [_returned_position(result) for result in inserts.results()]
     except Exception as error:
         if commit_sent and not _rolled_back(error):
             # The COMMIT may have been done: sending the plans again could store them
             # twice, so the store must find out instead (see PostgresStore._resolve).
-            raise _CommitOutcomeUnknown(_first_line(error), plans, results, call.backend) from error
+            raise _CommitOutcomeUnknown(first_line(error), plans, results, call.backend) from error
         if isinstance(error, psycopg.errors.UniqueViolation | psycopg.errors.ProgramLimitExceeded):
             return _refused(raw, call, plans, error)
         raise
-    return results
+    return _with_recorded(results, accepted, positions, recorded_at)
+
+
+def _returned_position(cursor: psycopg.Cursor[tuple[Any, ...]]) -> int:
+    row = cursor.fetchone()
+    if row is None:  # pragma: no cover - INSERT ... RETURNING returns its row
+        raise EventStoreError("PostgreSQL returned no position for an inserted event")
+    return int(row[0])
+
+
+def _with_recorded(
+    results: list[outcome.Outcome[None]],
+    accepted: list[_Commit],
+    positions: list[int],
+    recorded_at: datetime.datetime,
+) -> list[outcome.Outcome[_Recorded]]:
+    """The committed plans' outcomes with their events' places (positions in plan order)."""
+    places = iter(positions)
+    plans = iter(accepted)
+    answers: list[outcome.Outcome[_Recorded]] = []
+    for result in results:
+        if isinstance(result, outcome.Error):
+            answers.append(result)
+            continue
+        plan = next(plans)
+        answers.append(
+            outcome.Value({row.event_id: (next(places), recorded_at) for row in plan.events})
+        )
+    return answers
+
+
+def _select_recorded(
+    raw: Connection, statements: Statements, event_ids: Sequence[uuid.UUID]
+) -> _Recorded:
+    """Where the stored events among ``event_ids`` are, read back by id."""
+    recorded: _Recorded = {}
+    for start in range(0, len(event_ids), _RECORDED_CHUNK):
+        chunk = event_ids[start : start + _RECORDED_CHUNK]
+        rows = raw.execute(statements.select_recorded("%s", len(chunk)), chunk).fetchall()
+        for event_id, position, recorded_at in rows:
+            recorded[event_id] = (int(position), parse_utc(recorded_at))
+    return recorded
 
 
 def _rolled_back(error: Exception) -> bool:
@@ -706,8 +518,8 @@ def _is_event_id_violation(error: psycopg.Error, statements: Statements) -> bool
 
 
 def _refused(
-    raw: Connection, call: _Call, plans: list[_Commit], error: psycopg.Error
-) -> list[outcome.Outcome[None]]:
+    raw: Connection, call: Call, plans: list[_Commit], error: psycopg.Error
+) -> list[outcome.Outcome[_Recorded]]:
     """The outcomes after PostgreSQL refused a row of ``plans`` (all rolled back)."""
     if len(plans) > 1:
         raw.rollback()
@@ -718,28 +530,31 @@ def _refused(
             # Event ids are given once, when an event is staged: these events are
             # stored already, so this plan committed before. Never a conflict.
             raw.rollback()
-            return [outcome.Value(None)]
+            event_ids = [row.event_id for row in plan.events]
+            return [outcome.Value(_select_recorded(raw, plan.statements, event_ids))]
         # Only a writer that skips the checks (another program, or one that committed
         # between our check and our lock) gets here: a lost race on a sequence.
         raise _conflict(raw, plan) from error
     raise _too_long(plan, error) from error
 
 
-def _commit_each(raw: Connection, call: _Call, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+def _commit_each(
+    raw: Connection, call: Call, plans: list[_Commit]
+) -> list[outcome.Outcome[_Recorded]]:
     """Commit each plan of a refused batch on its own; each failure is that plan's outcome.
 
     Once one plan has committed, nothing here may raise: the pool would send the whole
     batch again. A broken connection fails the plans not tried yet (nothing of them was
     sent), and a plan whose COMMIT was lost is ``_CommitOutcomeUnknown`` alone.
     """
-    results: list[outcome.Outcome[None]] = []
+    results: list[outcome.Outcome[_Recorded]] = []
     for index, plan in enumerate(plans):
         try:
             results.append(_commit(raw, call, [plan])[0])
         except _CommitOutcomeUnknown as unknown:
             results.append(outcome.Error(unknown))
             # The store will end this session before it looks the plan up: use it no more.
-            _close_quietly(raw)
+            close_quietly(raw)
         except (ConcurrencyConflict, EventStoreError, psycopg.Error) as error:
             results.append(outcome.Error(error))
             with contextlib.suppress(psycopg.Error):
@@ -765,7 +580,7 @@ def _too_long(plan: _Commit, error: psycopg.Error) -> EventStoreError:
     longest = max(ids, key=lambda aggregate_id: len(aggregate_id.encode("utf-8")))
     return EventStoreError(
         f"aggregate_id {longest!r:.80} ({len(longest.encode('utf-8'))} bytes) is too long for "
-        f"PostgreSQL's unique index ({_first_line(error)}): index keys must compress to about "
+        f"PostgreSQL's unique index ({first_line(error)}): index keys must compress to about "
         "2.7 kB; use a shorter id, e.g. a hash of this one",
         aggregate_id=longest[:80],
     )
@@ -785,7 +600,7 @@ def _conflict(raw: Connection, plan: _Commit) -> Exception:
     return EventStoreError("an event row broke the unique key of the events table")
 
 
-def _end_session(raw: Connection, backend: _Backend) -> bool:
+def _end_session(raw: Connection, backend: Backend) -> bool:
     """End the session ``backend`` if it still runs; whether it is now known to be gone.
 
     A session whose connection the client lost may live on in the server for a while
@@ -802,22 +617,24 @@ def _end_session(raw: Connection, backend: _Backend) -> bool:
     except (psycopg.ProgrammingError, psycopg.errors.InsufficientPrivilege) as error:
         # PostgreSQL before 14 (no timeout argument), or not allowed: the lookup can
         # still prove a commit, but not the absence of one.
-        logger.warning("could not end the PostgreSQL session %d: %s", pid, _first_line(error))
+        logger.warning("could not end the PostgreSQL session %d: %s", pid, first_line(error))
         return False
     return row is None or bool(row[0])
 
 
 def _find_commit(
     raw: Connection,
-    call: _Call,
+    call: Call,
     statements: Statements,
     lock_key: int,
-    event_id: uuid.UUID,
-    backend: _Backend | None,
-) -> bool | None:
-    """Whether the commit that holds ``event_id`` landed: True, False, or None (unknown).
+    event_ids: list[uuid.UUID],
+    backend: Backend | None,
+) -> tuple[bool | None, _Recorded]:
+    """Whether the commit that holds ``event_ids`` landed (True, False, or None: unknown),
+    and if it did, where its events were stored.
 
-    Runs on a fresh connection after the one that sent the COMMIT was lost.
+    Runs on a fresh connection after the one that sent the COMMIT was lost. The ids
+    are of one database transaction: the first one tells.
     """
     gone = backend is not None and _end_session(raw, backend)
     call.checkpoint()
@@ -827,11 +644,12 @@ def _find_commit(
         # The lock every commit holds to its COMMIT: a commit still in flight (its
         # session alive, or ending) is done, one way or the other, once we hold it.
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
-        found = cursor.execute(statements.find_event_id, (event_id,)).fetchone() is not None
+        found = cursor.execute(statements.find_event_id, (event_ids[0],)).fetchone() is not None
         cursor.execute("COMMIT")
     if found:
-        return True
-    return False if gone else None
+        call.checkpoint()
+        return True, _select_recorded(raw, statements, event_ids)
+    return (False if gone else None), {}
 
 
 def _table_columns(cursor: psycopg.Cursor[tuple[Any, ...]], table: str) -> list[str]:
@@ -918,7 +736,11 @@ class PostgresStore(Generic[EventT, EntityT]):
             stores with different types share tables without seeing each other's data.
         transcoder: encodes and decodes events, snapshot entities and metadata.
         server: ``host:port/dbname`` of the database (no credentials), for messages.
-        pool_size: the most connections the store opens at once.
+        pool_size: the most connections the store opens at once (watches and projection
+            leases have a connection each, besides these).
+        poll_interval: the longest a :meth:`watch` waits without a wake-up (seconds).
+        takeover_interval: how often a standby projection instance tries to take the
+            lease over (seconds).
     """
 
     aggregate_type: str
@@ -928,11 +750,22 @@ class PostgresStore(Generic[EventT, EntityT]):
     _statements: Statements
     _pool: _Pool = attrs.field(repr=False)
     _lock_key: int
+    poll_interval: float = attrs.field(default=1.0, kw_only=True)
+    takeover_interval: float = attrs.field(default=1.0, kw_only=True)
+    #: The LISTEN/NOTIFY channel on which commits to the events table are announced.
+    _channel: str = attrs.field(init=False, repr=False)
+    #: The statement that announces a commit on it.
+    _notify: str = attrs.field(init=False, repr=False)
+    #: The last position committed through this store object: wakes its watches at once.
+    _head: AsyncValue[int] = attrs.field(init=False, repr=False)
     #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
     _group_commit: GroupCommit[_Commit] = attrs.field(init=False, repr=False)
     _reads: SqlReads[EventT, EntityT] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        self._channel = notify_channel(self._statements.events_table_key)
+        self._notify = _notify_statement(self._statements.events_table_key)
+        self._head = async_value(0)
         self._group_commit = GroupCommit(self._commit_batch)
         self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
 
@@ -947,6 +780,8 @@ class PostgresStore(Generic[EventT, EntityT]):
         events_table: str = "events",
         snapshots_table: str = "snapshots",
         pool_size: int = 4,
+        poll_interval: float = 1.0,
+        takeover_interval: float = 1.0,
     ) -> AsyncIterator[PostgresStore[Any, Any]]:
         """Open the store in the database ``dsn`` names; close it when the block exits.
 
@@ -967,6 +802,11 @@ class PostgresStore(Generic[EventT, EntityT]):
             pool_size: the most connections open at once. Each concurrent read or
                 commit uses one for the duration of its single thread call; callers
                 beyond that wait (cancellably) for a free one.
+            poll_interval: seconds after which a :meth:`watch` wakes its subscriber
+                even without a notification: a fallback, since every commit is
+                announced with ``NOTIFY``.
+            takeover_interval: seconds between a standby projection instance's attempts
+                to take the lease (see :meth:`projection_lease`).
 
         Raises:
             ValueError, TypeError: an argument is invalid (nothing was opened).
@@ -990,14 +830,18 @@ class PostgresStore(Generic[EventT, EntityT]):
             _DIALECT, events_table=events_table, snapshots_table=snapshots_table
         )
         pool_size = _check_pool_size(pool_size)
+        poll_interval = check_seconds("poll_interval", poll_interval, hint="1.0 suits most uses")
+        takeover_interval = check_seconds(
+            "takeover_interval", takeover_interval, hint="1.0 suits most uses"
+        )
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as error:
             raise ValueError(
-                f"dsn is not a valid libpq connection string ({_first_line(error)}); use e.g. "
+                f"dsn is not a valid libpq connection string ({first_line(error)}); use e.g. "
                 "'postgresql://user@host:5432/dbname'"
             ) from None
-        server = _describe_server(dsn)
+        server = describe_server(dsn)
         pool = _Pool(dsn, pool_size)
         store: PostgresStore[Any, Any] = cls(
             aggregate_type,
@@ -1007,6 +851,8 @@ class PostgresStore(Generic[EventT, EntityT]):
             statements,
             pool,
             _commit_lock_key(events_table),
+            poll_interval=poll_interval,
+            takeover_interval=takeover_interval,
         )
         try:
             events, snapshots = events_table.lower(), snapshots_table.lower()
@@ -1015,17 +861,17 @@ class PostgresStore(Generic[EventT, EntityT]):
             except TransactionFailed as error:
                 raise EventStoreError(f"cannot open the store: {error.reason}") from error
             except psycopg.Error as error:
-                raise _translate(error, doing="creating the tables", server=server) from error
+                raise translate_error(error, doing="creating the tables", server=server) from error
             yield store
         finally:
-            with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+            with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await pool.aclose()
 
     async def _run(self, fn: CallFn[T], doing: str) -> T:
         try:
             return await self._pool.run(fn)
         except psycopg.Error as error:
-            raise _translate(error, doing=doing, server=self.server) from error
+            raise translate_error(error, doing=doing, server=self.server) from error
 
     async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
         return await self._run(lambda raw, _: fn(raw), doing)
@@ -1055,9 +901,11 @@ class PostgresStore(Generic[EventT, EntityT]):
         tx: PostgresTransaction[EventT, EntityT] = PostgresTransaction(
             self, PendingWrites(self.transcoder, self.aggregate_type)
         )
-        return transaction_block(tx, self._commit_writes)
+        return transaction_block(tx, lambda pending: self._commit_writes(tx, pending))
 
-    async def _commit_writes(self, pending: PendingWrites[Any, Any]) -> None:
+    async def _commit_writes(
+        self, tx: PostgresTransaction[EventT, EntityT], pending: PendingWrites[Any, Any]
+    ) -> None:
         snapshots = pending.snapshot_rows()
         _check_rows(pending.event_rows, snapshots)
         plan = _Commit(
@@ -1067,10 +915,13 @@ class PostgresStore(Generic[EventT, EntityT]):
             pending.expected,
             pending.event_rows,
             snapshots,
+            self._channel,
+            self._notify,
         )
-        await self._group_commit.commit(plan)
+        recorded: _Recorded = await self._group_commit.commit(plan)
+        tx.recorded = recorded
 
-    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[_Recorded]]:
         try:
             results = await self._run(
                 lambda raw, call: _commit(raw, call, plans), "committing a transaction"
@@ -1079,7 +930,7 @@ class PostgresStore(Generic[EventT, EntityT]):
             results = await self._resolve(unknown)
         else:
             # A split batch (see _commit_each) reports a lost COMMIT per plan.
-            resolved: list[outcome.Outcome[None]] = []
+            resolved: list[outcome.Outcome[_Recorded]] = []
             for result in results:
                 if isinstance(result, outcome.Error) and isinstance(
                     result.error, _CommitOutcomeUnknown
@@ -1088,19 +939,31 @@ class PostgresStore(Generic[EventT, EntityT]):
                 else:
                     resolved.append(result)
             results = resolved
+        # Wake this store's watchers now; other processes' hear the NOTIFY.
+        last = max(
+            (
+                position
+                for result in results
+                if isinstance(result, outcome.Value)
+                for position, _ in result.value.values()
+            ),
+            default=0,
+        )
+        raise_head(self._head, last)
         return translate_outcomes(
             results,
             psycopg.Error,
-            lambda error: _translate(error, doing="committing", server=self.server),
+            lambda error: translate_error(error, doing="committing", server=self.server),
         )
 
-    async def _resolve(self, unknown: _CommitOutcomeUnknown) -> list[outcome.Outcome[None]]:
+    async def _resolve(self, unknown: _CommitOutcomeUnknown) -> list[outcome.Outcome[_Recorded]]:
         """The outcomes of ``unknown.plans``, one database transaction whose COMMIT was lost.
 
         Never sends the plans again. Looks one event id of theirs up on a fresh
         connection (one suffices: they were one transaction): found means committed,
-        absent means not (the old session is made to end first, so that it cannot
-        commit later), and no answer means ``CommitOutcomeUnknown``.
+        and where its events are is read back by id; absent means not (the old session
+        is made to end first, so that it cannot commit later), and no answer means
+        ``CommitOutcomeUnknown``.
         """
         accepted = [
             plan
@@ -1109,20 +972,24 @@ class PostgresStore(Generic[EventT, EntityT]):
         ]
         event_ids = [row.event_id for plan in accepted for row in plan.events]
         landed: bool | None
+        recorded: _Recorded = {}
         if event_ids:
-            landed = await self._find_commit(event_ids[0], unknown.backend)
+            landed, recorded = await self._find_commit(event_ids, unknown.backend)
         else:
             # Nothing here can be stored twice: without snapshots the transaction wrote
             # nothing either way; a snapshot may or may not have been replaced.
             landed = None if any(plan.snapshots for plan in accepted) else False
-        if landed:
-            return unknown.results
-        return [
-            outcome.Error(self._unresolved(plan, unknown.reason, landed))
-            if isinstance(result, outcome.Value)
-            else result
-            for plan, result in zip(unknown.plans, unknown.results, strict=True)
-        ]
+        answers: list[outcome.Outcome[_Recorded]] = []
+        for plan, result in zip(unknown.plans, unknown.results, strict=True):
+            if isinstance(result, outcome.Error):
+                answers.append(outcome.Error(result.error))  # refused: its own error
+            elif landed:
+                answers.append(
+                    outcome.Value({row.event_id: recorded[row.event_id] for row in plan.events})
+                )
+            else:
+                answers.append(outcome.Error(self._unresolved(plan, unknown.reason, landed)))
+        return answers
 
     def _unresolved(self, plan: _Commit, reason: str, landed: bool | None) -> Exception:
         aggregates = list(plan.expected) or [row.aggregate_id for row in plan.snapshots]
@@ -1138,19 +1005,22 @@ class PostgresStore(Generic[EventT, EntityT]):
             aggregate_id=aggregates[0][:80] if aggregates else None,
         )
 
-    async def _find_commit(self, event_id: uuid.UUID, backend: _Backend | None) -> bool | None:
-        """Whether the commit holding ``event_id`` landed, asking until ``_RESOLVE_SECONDS``."""
+    async def _find_commit(
+        self, event_ids: list[uuid.UUID], backend: Backend | None
+    ) -> tuple[bool | None, _Recorded]:
+        """Whether the commit holding ``event_ids`` landed (and where they are), asking
+        until ``_RESOLVE_SECONDS``."""
         with trio.move_on_after(_RESOLVE_SECONDS):
             while True:
                 try:
                     return await self._pool.run(
                         lambda raw, call: _find_commit(
-                            raw, call, self._statements, self._lock_key, event_id, backend
+                            raw, call, self._statements, self._lock_key, event_ids, backend
                         )
                     )
                 except EventStoreError as error:  # the store was closed meanwhile
                     logger.warning("cannot look a lost commit up: %s", error)
-                    return None
+                    return None, {}
                 except (TransactionFailed, psycopg.Error) as error:
                     # A lookup changes nothing: asking again, on a new connection, is safe.
                     logger.info("looking a lost commit up failed, retrying: %s", error)
@@ -1160,7 +1030,7 @@ class PostgresStore(Generic[EventT, EntityT]):
             _RESOLVE_SECONDS,
             self.server,
         )
-        return None
+        return None, {}
 
     async def load_events(
         self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int
@@ -1277,3 +1147,77 @@ class PostgresStore(Generic[EventT, EntityT]):
             TransactionFailed: the connection was lost.
         """
         return await self._reads.read_all(after_position, limit)
+
+    async def head_position(self) -> int:
+        """The ``global_position`` of this aggregate type's last committed event (0: none).
+
+        Raises:
+            EventStoreError: PostgreSQL failed.
+            TransactionFailed: the connection was lost.
+        """
+        return await self._reads.head_position()
+
+    async def checkpoint_position(self, name: str) -> int:
+        """Projection ``name``'s stored checkpoint (0 when it never ran), read without its lease.
+
+        Read on a pooled connection: what a standby instance, or another process's
+        statistics, follow.
+
+        Raises:
+            TypeError, ValueError: ``name`` is not a non-empty str PostgreSQL can hold.
+            EventStoreError: PostgreSQL failed.
+            TransactionFailed: the connection was lost.
+        """
+        name = check_projection_name(name)
+        key = (self._statements.events_table_key, self.aggregate_type, name)
+
+        def read(connection: Queryable) -> int:
+            rows = connection.execute(self._statements.select_checkpoint, key).fetchall()
+            return int(rows[0][0]) if rows else 0
+
+        return await self._read(read, f"reading the checkpoint of projection {name[:80]!r}")
+
+    def watch(self) -> AbstractAsyncContextManager[PostgresWatch]:
+        """Wake-ups for one subscriber while the block runs (see :class:`~trio_es._store.Watch`).
+
+        The watch has a connection of its own that LISTENs to the commits of the events
+        table (every commit announces itself with ``NOTIFY``), in place before the block
+        starts. ``await watch.wait(after)`` returns as soon as this store object
+        committed beyond ``after`` or a commit beyond it is announced, and after
+        ``poll_interval`` seconds at the latest. A lost LISTEN connection is made again
+        with back-off (polling meanwhile), and the next wait then returns at once so
+        that the subscriber reads what nobody announced.
+
+        Raises:
+            EventStoreError: the store is closed.
+        """
+        if self._pool.closed:
+            raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
+        return open_watch(self._pool.conninfo, self._channel, self._head, self.poll_interval)
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[PostgresLease]:
+        """Wait until this is the one active instance of projection ``name``; hold it.
+
+        The lease is a session advisory lock held by a connection of its own (keyed by
+        events table, aggregate type and ``name``), so one instance holds it across
+        every process and machine; a standby tries again every ``takeover_interval``
+        seconds and takes over once the holder's block exited or its process died. The
+        checkpoint is read and moved on that same connection: if it is lost, every later
+        call on the lease raises ``EventStoreError`` and the projection must take the
+        lease again. Exiting the block closes the connection, releasing the lock.
+
+        Raises:
+            TypeError, ValueError: ``name`` is not a non-empty str PostgreSQL can hold.
+            EventStoreError: the store is closed.
+        """
+        name = check_projection_name(name)
+        if self._pool.closed:
+            raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
+        return hold_lease(
+            self._pool.conninfo,
+            self._statements,
+            self.aggregate_type,
+            name,
+            takeover_interval=self.takeover_interval,
+            server=self.server,
+        )

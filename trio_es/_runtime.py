@@ -47,6 +47,7 @@ from ._types import (
     EventEnvelope,
     ExecuteCommand,
     ExecuteCommandWithResponse,
+    ExecuteForResult,
     GetAggregateStats,
     GetSystemStats,
     LoadAggregate,
@@ -104,6 +105,7 @@ Query = tuple[Name[Any], QueryFn]
 _AGGREGATE_MESSAGES: Final = (
     ExecuteCommand,
     ExecuteCommandWithResponse,
+    ExecuteForResult,
     LoadAggregate,
     LoadAllEvents,
     LoadEvents,
@@ -154,6 +156,12 @@ class RuntimeOptions:
         shutdown_grace: seconds a commit under way when the system stops may take to
             finish (its callers then get their real reply); past that its callers get
             ``CommitOutcomeUnknown``.
+        projection_retries: how often a projection whose handler raises is restarted
+            from its checkpoint on the same batch before it is stopped (a poison batch):
+            logged, reported ``"failed"`` in ``projection_stats``, never skipped. Store
+            failures are retried for as long as they last.
+        projection_backoff: the longest pause, in seconds, between two attempts of a
+            failing projection (it starts at 0.05 s and doubles).
     """
 
     idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
@@ -164,6 +172,8 @@ class RuntimeOptions:
     transaction_retries: int = attrs.field(default=20, validator=_non_negative)
     mailbox_capacity: int = attrs.field(default=DEFAULT_CAPACITY, validator=_positive)
     shutdown_grace: float = attrs.field(default=5.0, validator=_positive_seconds)
+    projection_retries: int = attrs.field(default=5, validator=_non_negative)
+    projection_backoff: float = attrs.field(default=5.0, validator=_positive_seconds)
 
 
 @attrs.define(eq=False)
@@ -446,6 +456,7 @@ def _operation(message: object) -> str:
     return {
         ExecuteCommand: "execute",
         ExecuteCommandWithResponse: "execute",
+        ExecuteForResult: "execute",
         LoadAggregate: "load_aggregate",
         LoadAllEvents: "load_events",
         LoadEvents: "load_events",

@@ -55,6 +55,7 @@ from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot
 from ._types import StoredEvent as StoredEvent
 
 __all__ = [
+    "CHECKPOINT_TABLE",
     "EVENT_COLUMNS",
     "EVENT_COLUMNS_V1",
     "SCHEMA_VERSION",
@@ -83,6 +84,7 @@ __all__ = [
     "decode_snapshot_row",
     "find_conflict",
     "max_sequence",
+    "notify_channel",
     "parse_utc",
     "pending_writes",
     "transaction_block",
@@ -103,6 +105,8 @@ logger: Final = logging.getLogger("trio_es.serialization")
 SCHEMA_VERSION: Final = 2
 #: The bookkeeping table; prefixed because it lives beside application tables.
 SCHEMA_VERSION_TABLE: Final = "trio_es_schema_version"
+#: Projection checkpoints: one row per (events table, aggregate type, projection name).
+CHECKPOINT_TABLE: Final = "trio_es_checkpoints"
 #: The columns of the events table, in the order the statements use them.
 EVENT_COLUMNS: Final = (
     "global_position",
@@ -225,6 +229,13 @@ class Dialect:
     json_result: str = "{}"
 
 
+def notify_channel(events_table: str) -> str:
+    """The PostgreSQL ``LISTEN``/``NOTIFY`` channel on which commits to ``events_table``
+    are announced (an identifier of at most 63 characters; lower case, as PostgreSQL
+    folds the table name)."""
+    return _derived_name(f"trio_es_{events_table.lower()}", "commits")
+
+
 def _derived_name(table: str, suffix: str) -> str:
     # Index names derive from the table name and must stay within the 63-char limit.
     name = f"{table}_{suffix}"
@@ -283,17 +294,39 @@ class Statements:
     #: (aggregate_type, aggregate_id) -> (max sequence or NULL,)
     max_sequence: str
     #: (aggregate_type, aggregate_id, start_from) -> (sequence, event_type,
-    #: event_version, payload, metadata) in sequence order
+    #: event_version, payload, metadata, event_id, global_position, recorded_at) in
+    #: sequence order
     select_events: str
-    #: (aggregate_type, after_position, limit) -> (global_position, aggregate_id,
-    #: sequence, event_type, event_version, payload, metadata, recorded_at)
+    #: (aggregate_type, after_position, limit) -> (aggregate_id, sequence, event_type,
+    #: event_version, payload, metadata, event_id, global_position, recorded_at) in
+    #: global_position order
     select_all: str
+    #: (aggregate_type,) -> (highest global_position of the type, or NULL,)
+    select_head: str
+    #: (event_id, ...) for ``len(ids)`` ids -> (event_id, global_position, recorded_at);
+    #: call :meth:`select_recorded` for the text
+    select_recorded_prefix: str
     #: (aggregate_type, aggregate_id, sequence, entity_type, entity_version, payload,
     #: recorded_at): insert or replace the aggregate's snapshot
     upsert_snapshot: str
     #: (aggregate_type, aggregate_id) -> (sequence, entity_type, entity_version,
     #: payload, recorded_at)
     select_snapshot: str
+    #: The events table's name as the checkpoint rows key it (lower case, as PostgreSQL
+    #: folds unquoted names).
+    events_table_key: str
+    #: (events_table_key, aggregate_type, name, updated_at): adds the projection's
+    #: checkpoint row at position 0 if missing
+    insert_checkpoint: str
+    #: (events_table_key, aggregate_type, name) -> (position,)
+    select_checkpoint: str
+    #: (position, updated_at, events_table_key, aggregate_type, name, expected_position):
+    #: moves the checkpoint only if it is still at the expected position (1 row or 0)
+    advance_checkpoint: str
+
+    def select_recorded(self, placeholder: str, count: int) -> str:
+        """``SELECT`` the position and commit time of ``count`` events given by id."""
+        return f"{self.select_recorded_prefix}({', '.join([placeholder] * count)})"
 
     @classmethod
     def build(cls, dialect: Dialect, *, events_table: str, snapshots_table: str) -> Statements:
@@ -304,13 +337,14 @@ class Statements:
         """
         events = check_identifier(events_table, "events_table")
         snapshots = check_identifier(snapshots_table, "snapshots_table")
-        if events.lower() == snapshots.lower() or SCHEMA_VERSION_TABLE in (
+        if events.lower() == snapshots.lower() or {SCHEMA_VERSION_TABLE, CHECKPOINT_TABLE} & {
             events.lower(),
             snapshots.lower(),
-        ):
+        }:
             raise ValueError(
                 f"events_table {events!r} and snapshots_table {snapshots!r} must be two "
-                f"different tables other than {SCHEMA_VERSION_TABLE!r}; rename one"
+                f"different tables other than {SCHEMA_VERSION_TABLE!r} and "
+                f"{CHECKPOINT_TABLE!r}; rename one"
             )
         p, j, i = dialect.placeholder, dialect.json_parameter, dialect.integer_type
         payload, metadata = (
@@ -336,7 +370,15 @@ class Statements:
             f"payload {dialect.json_type} NOT NULL, "
             f"recorded_at {dialect.timestamp_type} NOT NULL, "
             "PRIMARY KEY (aggregate_type, aggregate_id))",
+            f"CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} ("
+            "events_table TEXT NOT NULL, "
+            "aggregate_type TEXT NOT NULL, "
+            "name TEXT NOT NULL, "
+            f"position {i} NOT NULL CHECK (position >= 0), "
+            f"updated_at {dialect.timestamp_type} NOT NULL, "
+            "PRIMARY KEY (events_table, aggregate_type, name))",
         )
+        key_where = f"events_table = {p} AND aggregate_type = {p} AND name = {p}"
         return cls(
             create_schema_version=(
                 f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} ("
@@ -371,15 +413,24 @@ class Statements:
                 "ORDER BY sequence DESC LIMIT 1"
             ),
             select_events=(
-                f"SELECT sequence, event_type, event_version, {payload}, {metadata}, event_id "
+                f"SELECT sequence, event_type, event_version, {payload}, {metadata}, event_id, "
+                f"global_position, recorded_at "
                 f"FROM {events} WHERE aggregate_type = {p} AND aggregate_id = {p} "
                 f"AND sequence > {p} ORDER BY sequence"
             ),
             select_all=(
-                f"SELECT global_position, aggregate_id, sequence, event_type, event_version, "
-                f"{payload}, {metadata}, event_id, recorded_at FROM {events} "
+                f"SELECT aggregate_id, sequence, event_type, event_version, "
+                f"{payload}, {metadata}, event_id, global_position, recorded_at FROM {events} "
                 f"WHERE aggregate_type = {p} AND global_position > {p} "
                 f"ORDER BY global_position LIMIT {p}"
+            ),
+            # ORDER BY ... LIMIT 1 reads one entry of the (type, position) index.
+            select_head=(
+                f"SELECT global_position FROM {events} WHERE aggregate_type = {p} "
+                "ORDER BY global_position DESC LIMIT 1"
+            ),
+            select_recorded_prefix=(
+                f"SELECT event_id, global_position, recorded_at FROM {events} WHERE event_id IN "
             ),
             upsert_snapshot=(
                 f"INSERT INTO {snapshots} (aggregate_type, aggregate_id, sequence, "
@@ -393,6 +444,17 @@ class Statements:
             select_snapshot=(
                 f"SELECT sequence, entity_type, entity_version, {payload}, recorded_at "
                 f"FROM {snapshots} WHERE aggregate_type = {p} AND aggregate_id = {p}"
+            ),
+            events_table_key=events.lower(),
+            insert_checkpoint=(
+                f"INSERT INTO {CHECKPOINT_TABLE} (events_table, aggregate_type, name, "
+                f"position, updated_at) VALUES ({p}, {p}, {p}, 0, {p}) "
+                "ON CONFLICT (events_table, aggregate_type, name) DO NOTHING"
+            ),
+            select_checkpoint=f"SELECT position FROM {CHECKPOINT_TABLE} WHERE {key_where}",
+            advance_checkpoint=(
+                f"UPDATE {CHECKPOINT_TABLE} SET position = {p}, updated_at = {p} "
+                f"WHERE {key_where} AND position = {p}"
             ),
         )
 
@@ -733,13 +795,23 @@ def decode_event_row(
     aggregate_id: str,
     row: Sequence[Any],
 ) -> SerializedEventEnvelope[Any]:
-    """Decode a ``(sequence, event_type, event_version, payload, metadata, event_id)`` row.
+    """Decode a ``(sequence, event_type, event_version, payload, metadata, event_id,
+    global_position, recorded_at)`` row.
 
     Raises:
         EventStoreError: the payload or metadata cannot be decoded; the message names
             the aggregate, sequence, type and version.
     """
-    sequence, event_type, event_version, payload, metadata, event_id = row
+    (
+        sequence,
+        event_type,
+        event_version,
+        payload,
+        metadata,
+        event_id,
+        global_position,
+        recorded_at,
+    ) = row
     return SerializedEventEnvelope(
         aggregate_id,
         sequence,
@@ -751,6 +823,8 @@ def decode_event_row(
         event_version,
         aggregate_type,
         event_id=event_id if isinstance(event_id, uuid.UUID) else _parse_event_id(event_id),
+        global_position=global_position,
+        recorded_at=parse_utc(recorded_at),
     )
 
 
@@ -800,6 +874,11 @@ class SqlTransaction(Generic[EventT, EntityT]):
     _store: object
     _pending: PendingWrites[EventT, EntityT]
     _finished: bool = False
+    #: Once the block committed: each committed event's id mapped to its
+    #: ``(global_position, recorded_at)``, for :func:`trio_es._store.committed_envelopes`.
+    recorded: dict[uuid.UUID, tuple[int, datetime.datetime]] = attrs.field(
+        factory=dict, kw_only=True
+    )
 
 
 def pending_writes(
@@ -842,10 +921,10 @@ async def transaction_block(
 
 
 def translate_outcomes(
-    results: list[outcome.Outcome[None]],
+    results: list[outcome.Outcome[T]],
     driver_error: type[ErrorT],
     translate: Callable[[ErrorT], Exception],
-) -> list[outcome.Outcome[None]]:
+) -> list[outcome.Outcome[T]]:
     """``results`` of a batch commit, with each plan's driver error as a trio_es error.
 
     A plan's own failure (a refused row) comes back from the worker thread as the
@@ -939,13 +1018,25 @@ class SqlReads(Generic[EventT, EntityT]):
             rows = connection.execute(
                 self.statements.select_all, (self.aggregate_type, after_position, limit)
             ).fetchall()
-            return [
-                StoredEvent(
-                    position,
-                    decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, rest),
-                    parse_utc(recorded_at),
+            stored: list[StoredEvent[Any]] = []
+            for aggregate_id, *rest in rows:
+                envelope = decode_event_row(
+                    self.transcoder, self.aggregate_type, aggregate_id, rest
                 )
-                for position, aggregate_id, *rest, recorded_at in rows
-            ]
+                # decode_event_row filled both from this row, so neither is None here.
+                position, recorded_at = rest[6], envelope.recorded_at
+                stored.append(StoredEvent(position, envelope, recorded_at))  # type: ignore[arg-type]
+            return stored
 
         return await self.run(read, "reading all events")
+
+    async def head_position(self) -> int:
+        """The ``global_position`` of the store's last committed event (0 with none)."""
+
+        def read(connection: Queryable) -> int:
+            rows = connection.execute(
+                self.statements.select_head, (self.aggregate_type,)
+            ).fetchall()
+            return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+        return await self.run(read, "reading the head position")

@@ -12,6 +12,14 @@ and ``COMMIT`` in a single thread call. Reads are one hop each on the reader con
 and see the latest committed data plus the transaction's own buffered writes; a
 transaction that only reads never touches the writer.
 
+Where events land: the commit thread reports each committed event's ``global_position``
+and ``recorded_at`` back (also for a transaction that shared a group commit, and, read
+back by id, for one found already stored), and the store puts them on the transaction
+handle as ``recorded`` and raises its in-process head, which wakes its watches at once
+(other processes' commits are found by polling). Projection leases and their
+connections are in ``_sqlite_projection.py``; the connection machinery that the writer,
+the reader and the leases share is in ``_sqlite_connection.py``.
+
 Cancellation: a thread call is never abandoned (its connection would be left mid-way).
 When the calling task is cancelled, the store asks the running statement to stop
 (``sqlite3.Connection.interrupt``), stops waiting for a lock held by another process,
@@ -29,7 +37,7 @@ later recovery finds it: the caller gets ``CommitOutcomeUnknown``.
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import functools
 import logging
 import os
@@ -67,13 +75,28 @@ from ._sql import (
     events_table_ddl,
     find_conflict,
     max_sequence,
+    parse_utc,
     pending_writes,
     transaction_block,
     translate_outcomes,
     utc_text,
 )
+from ._sqlite_connection import (
+    BUSY_SLICE_MS,
+    CLOSE_TIMEOUT_S,
+    Connection,
+    Interrupt,
+    Interrupted,
+    begin_immediate,
+    error_code,
+    rollback,
+    translate_error,
+)
+from ._sqlite_projection import LeaseSettings, SqliteLease, open_lease
+from ._trio_util import AsyncValue, async_value
 from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
-from ._validated import check_int
+from ._validated import check_int, check_seconds
+from ._watch import HeadWatch, check_projection_name, raise_head
 
 __all__ = ["SqliteStore", "SqliteTransaction"]
 
@@ -94,13 +117,6 @@ _DIALECT: Final = Dialect(
     json_parameter="?",
 )
 _SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
-# SQLite's busy handler sleeps without looking at sqlite3_interrupt, so a writer waiting
-# for another process's lock could not be cancelled for busy_timeout_ms. The writer's own
-# busy timeout is therefore a short slice, and the store retries BEGIN IMMEDIATE until
-# busy_timeout_ms is spent, checking for cancellation between slices.
-_BUSY_SLICE_MS: Final = 50
-# How long closing may wait for a thread call still running on a connection.
-_CLOSE_TIMEOUT_S: Final = 30.0
 
 
 # Errors SQLite raises from COMMIT before it writes the commit: nothing was committed.
@@ -116,8 +132,13 @@ _COMMIT_NOT_WRITTEN: Final = frozenset(
 )
 
 
-class _Interrupted(Exception):
-    """Internal: a worker thread stopped because the calling task was cancelled."""
+#: Where each event of a committed plan is: its id mapped to ``(global_position,
+#: recorded_at)`` (what ``SqliteTransaction.recorded`` holds).
+_Recorded = dict[uuid.UUID, tuple[int, datetime.datetime]]
+
+# How many event ids one ``select_recorded`` call binds: below SQLite's variable limit
+# (999 in builds before 3.32) whatever the build.
+_IDS_PER_SELECT: Final = 500
 
 
 class _CommitOutcomeUnknown(Exception):
@@ -128,137 +149,10 @@ class _CommitOutcomeUnknown(Exception):
     ``CommitOutcomeUnknown``.
     """
 
-    def __init__(self, reason: str, results: list[outcome.Outcome[None]]) -> None:
+    def __init__(self, reason: str, results: list[outcome.Outcome[_Recorded]]) -> None:
         super().__init__(reason)
         self.reason = reason
         self.results = results
-
-
-@attrs.define(eq=False)
-class _Interrupt:
-    """Set from the Trio thread when the caller is cancelled; read by the worker thread."""
-
-    requested: bool = False
-
-
-def _code(error: sqlite3.Error) -> int | None:
-    code = getattr(error, "sqlite_errorcode", None)
-    return None if code is None else code & 0xFF
-
-
-@attrs.define(eq=False)
-class _Connection:
-    """One sqlite3 connection and the limiter that lets one thread use it at a time."""
-
-    raw: sqlite3.Connection
-    role: str
-    limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
-    closed: bool = False
-
-    async def run(self, fn: Callable[[sqlite3.Connection, _Interrupt], T]) -> T:
-        """Run ``fn(connection, interrupt)`` in a worker thread; cancellation interrupts it.
-
-        This is ``trio.to_thread.run_sync(..., abandon_on_cancel=False)`` plus a hook:
-        ``to_thread`` gives no way to react to a cancellation while the thread runs, and
-        a watcher task per call would double the cost of each hop. So it is built from
-        the same primitives ``to_thread`` uses.
-        """
-        interrupt = _Interrupt()
-        connection = self.raw
-        async with self.limiter:
-            if self.closed:
-                raise EventStoreError("the store is closed; open it again with SqliteStore.open")
-            task = trio.lowlevel.current_task()
-            token = trio.lowlevel.current_trio_token()
-
-            def deliver(result: outcome.Outcome[T]) -> None:
-                # The run may have ended meanwhile; then nobody waits for the result.
-                with contextlib.suppress(trio.RunFinishedError):
-                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                interrupt.requested = True
-                with contextlib.suppress(sqlite3.ProgrammingError):  # already closed
-                    connection.interrupt()
-                # Keep waiting: the thread rolls back and returns, then Cancelled is
-                # raised at the next checkpoint.
-                return trio.lowlevel.Abort.FAILED
-
-            trio.lowlevel.start_thread_soon(
-                functools.partial(fn, connection, interrupt),
-                deliver,
-                name=f"trio_es sqlite {self.role}",
-            )
-            try:
-                return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
-            except (_Interrupted, sqlite3.OperationalError) as error:
-                if not interrupt.requested or (
-                    isinstance(error, sqlite3.OperationalError)
-                    and _code(error) != sqlite3.SQLITE_INTERRUPT
-                ):
-                    raise
-        # Cancelled is pending for this task, so this raises it.
-        await trio.lowlevel.checkpoint()
-        raise EventStoreError("a SQLite call was interrupted although nothing cancelled it")
-
-    async def close(self) -> None:
-        async with self.limiter:
-            if not self.closed:
-                self.closed = True
-                await trio.to_thread.run_sync(self.raw.close)
-
-
-def _translate(error: sqlite3.Error, *, doing: str, path: str, busy_timeout_ms: int) -> Exception:
-    """A sqlite3 error as the trio_es error callers handle, keeping SQLite's words."""
-    code = _code(error)
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return TransactionFailed(
-            f"the SQLite database {path!r} stayed locked by another connection for "
-            f"busy_timeout_ms={busy_timeout_ms} while {doing}; retry, or raise busy_timeout_ms"
-        )
-    if code == sqlite3.SQLITE_NOTADB:
-        return EventStoreError(
-            f"{path!r} is not a SQLite database ({error}); open a SQLite file or a new path"
-        )
-    if code == sqlite3.SQLITE_CORRUPT:
-        return EventStoreError(
-            f"the SQLite database {path!r} is corrupt ({error}) while {doing}; restore it "
-            "from a backup"
-        )
-    if code == sqlite3.SQLITE_FULL:
-        return EventStoreError(f"the disk holding {path!r} is full while {doing}; free space")
-    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return EventStoreError(
-            f"cannot write or open the SQLite database {path!r} ({error}) while {doing}; "
-            "check the path and its permissions"
-        )
-    return EventStoreError(f"SQLite failed while {doing} on {path!r}: {error}")
-
-
-def _rollback(connection: sqlite3.Connection) -> None:
-    if not connection.in_transaction:
-        return
-    try:
-        connection.execute("ROLLBACK")
-    except sqlite3.Error:  # pragma: no cover - SQLite rolls back on close anyway
-        logger.exception("ROLLBACK failed; SQLite rolls the transaction back on close")
-
-
-def _begin_immediate(
-    connection: sqlite3.Connection, interrupt: _Interrupt, busy_timeout_ms: int
-) -> None:
-    # time.monotonic, not Trio's clock: this runs in a worker thread and stands in for
-    # SQLite's own busy timeout, which counts wall time too.
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    while True:
-        if interrupt.requested:
-            raise _Interrupted
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as error:
-            if _code(error) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                raise
 
 
 @attrs.frozen
@@ -273,32 +167,63 @@ class _Commit:
     busy_timeout_ms: int
 
 
-def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> None:
-    """Insert the events and upsert the snapshots of ``plans`` (all of one store)."""
+def _write(connection: sqlite3.Connection, plans: Sequence[_Commit]) -> list[_Recorded]:
+    """Insert the events and upsert the snapshots of ``plans`` (all of one store).
+
+    Returns where each plan's events were stored, plan by plan.
+    """
     statements, aggregate_type = plans[0].statements, plans[0].aggregate_type
     recorded_at = utc_text(utc_now())
+    # As read_all will return it: the stored text, parsed back.
+    moment = parse_utc(recorded_at)
     rows = [
         row.parameters(aggregate_type, recorded_at, text_ids=True)
         for plan in plans
         for row in plan.events
     ]
+    position = 0
     if rows:
         connection.executemany(statements.insert_event, rows)
+        # global_position is the rowid, and SQLite gives a new row max(rowid) + 1. This
+        # transaction holds the write lock, so nobody inserts in between: the rows got
+        # consecutive positions, ending at the last insert's.
+        last = connection.execute("SELECT last_insert_rowid()").fetchone()[0]
+        position = int(last) - len(rows)
+    recorded: list[_Recorded] = []
+    for plan in plans:
+        places: _Recorded = {}
+        for row in plan.events:
+            position += 1
+            places[row.event_id] = (position, moment)
+        recorded.append(places)
     for plan in plans:
         for snapshot in plan.snapshots:
             connection.execute(
                 statements.upsert_snapshot,
                 snapshot.parameters(aggregate_type, utc_text(snapshot.recorded_at)),
             )
+    return recorded
 
 
-def _send_commit(connection: sqlite3.Connection, results: list[outcome.Outcome[None]]) -> None:
+def _read_recorded(connection: sqlite3.Connection, plan: _Commit) -> _Recorded:
+    """Where ``plan``'s events are stored, read back by id (for a plan committed before)."""
+    ids = [str(row.event_id) for row in plan.events]
+    recorded: _Recorded = {}
+    for start in range(0, len(ids), _IDS_PER_SELECT):
+        chunk = ids[start : start + _IDS_PER_SELECT]
+        sql = plan.statements.select_recorded("?", len(chunk))
+        for event_id, position, recorded_at in connection.execute(sql, chunk).fetchall():
+            recorded[uuid.UUID(event_id)] = (int(position), parse_utc(recorded_at))
+    return recorded
+
+
+def _send_commit(connection: sqlite3.Connection, results: list[outcome.Outcome[_Recorded]]) -> None:
     """``COMMIT``; raise ``_CommitOutcomeUnknown`` if its error leaves the outcome open."""
     try:
         connection.execute("COMMIT")
     except sqlite3.Error as error:
         # Still in the transaction: the commit did not happen (the caller rolls back).
-        if connection.in_transaction or _code(error) in _COMMIT_NOT_WRITTEN:
+        if connection.in_transaction or error_code(error) in _COMMIT_NOT_WRITTEN:
             raise
         raise _CommitOutcomeUnknown(str(error), results) from error
 
@@ -307,34 +232,35 @@ def _is_event_id_violation(error: sqlite3.IntegrityError) -> bool:
     return "UNIQUE" in str(error) and str(error).rstrip().endswith(".event_id")
 
 
-def _commit(connection: sqlite3.Connection, interrupt: _Interrupt, plan: _Commit) -> None:
+def _commit(connection: sqlite3.Connection, interrupt: Interrupt, plan: _Commit) -> _Recorded:
     """Check every expected sequence, write everything, commit; or write nothing.
 
-    Returns normally when the plan's events are stored, also when they already were
-    (their ids are taken: the same plan was committed before).
+    Returns where the plan's events are stored, also when they already were (their ids
+    are taken: the same plan was committed before).
     """
-    _begin_immediate(connection, interrupt, plan.busy_timeout_ms)
+    begin_immediate(connection, interrupt, plan.busy_timeout_ms)
     try:
         conflict = _check(connection, plan, {})
         if conflict is not None:
             raise conflict
         try:
-            _write(connection, [plan])
+            [recorded] = _write(connection, [plan])
         except sqlite3.IntegrityError as error:
             if _is_event_id_violation(error):
                 # Ids are given once per staged event, so these events are stored
                 # already: the plan has committed before. Never a conflict.
-                _rollback(connection)
-                return
+                rollback(connection)
+                return _read_recorded(connection, plan)
             # The checks above make this unreachable unless something wrote the table
             # without them; it is still a lost race on an aggregate's sequence.
             raise _conflict(connection, plan, error) from error
         if interrupt.requested:
-            raise _Interrupted
-        _send_commit(connection, [outcome.Value(None)])
+            raise Interrupted
+        _send_commit(connection, [outcome.Value(recorded)])
     except BaseException:
-        _rollback(connection)
+        rollback(connection)
         raise
+    return recorded
 
 
 def _check(
@@ -353,55 +279,57 @@ def _check(
 
 
 def _commit_batch(
-    connection: sqlite3.Connection, interrupt: _Interrupt, plans: list[_Commit]
-) -> list[outcome.Outcome[None]]:
+    connection: sqlite3.Connection, interrupt: Interrupt, plans: list[_Commit]
+) -> list[outcome.Outcome[_Recorded]]:
     """Commit several transactions in one: one lock, one fsync; each plan all or nothing.
 
     A plan whose expected sequence is stale is refused alone. If the database refuses a
     row (which the checks make unreachable unless another program writes the table), the
     batch is rolled back and each plan committed on its own, so only that plan fails;
-    each plan's outcome is then its own (committed, refused, or outcome unknown).
+    each plan's outcome is then its own (committed, refused, or outcome unknown). A
+    committed plan's value is where its events are stored.
     """
     if len(plans) == 1:
-        _commit(connection, interrupt, plans[0])
-        return [outcome.Value(None)]
-    _begin_immediate(connection, interrupt, plans[0].busy_timeout_ms)
+        return [outcome.Value(_commit(connection, interrupt, plans[0]))]
+    begin_immediate(connection, interrupt, plans[0].busy_timeout_ms)
     try:
         stored: dict[str, int] = {}
-        results: list[outcome.Outcome[None]] = []
-        accepted: list[_Commit] = []
+        results: list[outcome.Outcome[_Recorded]] = []
+        accepted: list[int] = []
         for plan in plans:
             conflict = _check(connection, plan, stored)
             if conflict is not None:
                 results.append(outcome.Error(conflict))
                 continue
-            accepted.append(plan)
-            results.append(outcome.Value(None))
+            accepted.append(len(results))
+            results.append(outcome.Value({}))
             for row in plan.events:
                 stored[row.aggregate_id] = row.sequence
         try:
             if accepted:
-                _write(connection, accepted)
+                written = _write(connection, [plans[index] for index in accepted])
+                for index, recorded in zip(accepted, written, strict=True):
+                    results[index] = outcome.Value(recorded)
         except sqlite3.IntegrityError:
-            _rollback(connection)
+            rollback(connection)
             return _commit_each(connection, interrupt, plans)
         if interrupt.requested:
-            raise _Interrupted
+            raise Interrupted
         _send_commit(connection, results)
         return results
     except BaseException:
-        _rollback(connection)
+        rollback(connection)
         raise
 
 
 def _commit_each(
-    connection: sqlite3.Connection, interrupt: _Interrupt, plans: list[_Commit]
-) -> list[outcome.Outcome[None]]:
+    connection: sqlite3.Connection, interrupt: Interrupt, plans: list[_Commit]
+) -> list[outcome.Outcome[_Recorded]]:
     """Commit each plan of a refused batch alone; a plan's failure is its own outcome."""
-    results: list[outcome.Outcome[None]] = []
+    results: list[outcome.Outcome[_Recorded]] = []
     for plan in plans:
         try:
-            _commit(connection, interrupt, plan)
+            recorded = _commit(connection, interrupt, plan)
         except _CommitOutcomeUnknown as error:
             results.append(outcome.Error(error))
         except (sqlite3.Error, EventStoreError, TransactionFailed) as error:
@@ -409,7 +337,7 @@ def _commit_each(
             # callers must hear so.
             results.append(outcome.Error(error))
         else:
-            results.append(outcome.Value(None))
+            results.append(outcome.Value(recorded))
     return results
 
 
@@ -463,10 +391,10 @@ def _open_writer(
                 )
                 break
             except sqlite3.OperationalError as error:
-                if _code(error) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                if error_code(error) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.01)
-        connection.execute(f"PRAGMA busy_timeout={min(busy_timeout_ms, _BUSY_SLICE_MS)}")
+        connection.execute(f"PRAGMA busy_timeout={min(busy_timeout_ms, BUSY_SLICE_MS)}")
     except BaseException:
         connection.close()
         raise
@@ -524,7 +452,7 @@ def _prepare(
         check_schema_version(events_table, version, where)
         connection.execute("COMMIT")
     except BaseException:
-        _rollback(connection)
+        rollback(connection)
         raise
 
 
@@ -607,27 +535,42 @@ class SqliteStore(Generic[EventT, EntityT]):
     serialized by SQLite's write lock and checked for optimistic concurrency, so two
     writers that decided on the same sequence never both succeed.
 
+    It is also a projection source (see :class:`~trio_es._store.ProjectionSource`): a
+    commit through this store object wakes its watches at once, other processes' commits
+    are seen by polling, and projection leases are file locks next to the database (see
+    ``_sqlite_projection.py``).
+
     Attributes:
         path: the database file.
         aggregate_type: the value of the ``aggregate_type`` column for this store's rows;
             stores with different types share tables without seeing each other's data.
         transcoder: encodes and decodes events, snapshot entities and metadata.
+        poll_interval: the longest a watch waits before its subscriber reads again, in
+            seconds: how soon another process's commits are seen.
+        takeover_interval: how often a waiting projection lease tries to take over, in
+            seconds.
     """
 
     path: str
     aggregate_type: str
     transcoder: Transcoder
     _statements: Statements
-    _writer: _Connection
-    _reader: _Connection
+    _writer: Connection
+    _reader: Connection
     _busy_timeout_ms: int
+    _synchronous: str = attrs.field(kw_only=True)
+    poll_interval: float = attrs.field(kw_only=True)
+    takeover_interval: float = attrs.field(kw_only=True)
     #: Batches the commits of concurrent transactions (see ``_group_commit.py``).
     _group_commit: GroupCommit[_Commit] = attrs.field(init=False)
     _reads: SqlReads[EventT, EntityT] = attrs.field(init=False, repr=False)
+    #: The highest global position committed through this store object.
+    _head: AsyncValue[int] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._group_commit = GroupCommit(self._commit_batch)
         self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
+        self._head = async_value(0)
 
     @classmethod
     @asynccontextmanager
@@ -641,6 +584,8 @@ class SqliteStore(Generic[EventT, EntityT]):
         snapshots_table: str = "snapshots",
         synchronous: str = "FULL",
         busy_timeout_ms: int = 5000,
+        poll_interval: float = 1.0,
+        takeover_interval: float = 1.0,
     ) -> AsyncIterator[SqliteStore[Any, Any]]:
         """Open (creating if needed) the store in ``path``; close it when the block exits.
 
@@ -660,6 +605,11 @@ class SqliteStore(Generic[EventT, EntityT]):
                 survives a process crash but may lose the last commits on power loss.
             busy_timeout_ms: how long a commit waits for another connection's write lock
                 before it fails with the retryable ``TransactionFailed``.
+            poll_interval: how often, in seconds, a subscriber with nothing new reads
+                again: commits through this store object wake it at once, another
+                process's are seen within this interval.
+            takeover_interval: how often, in seconds, a projection waiting for its lease
+                tries to take it over (from a process that ended or died).
 
         Raises:
             ValueError, TypeError: an argument is invalid (nothing was opened).
@@ -675,6 +625,10 @@ class SqliteStore(Generic[EventT, EntityT]):
         )
         synchronous = _check_synchronous(synchronous)
         busy_timeout_ms = _check_busy_timeout(busy_timeout_ms)
+        poll_interval = check_seconds("poll_interval", poll_interval, hint="1.0 suits most uses")
+        takeover_interval = check_seconds(
+            "takeover_interval", takeover_interval, hint="1.0 suits most uses"
+        )
         try:
             writer = await trio.to_thread.run_sync(
                 _open_writer,
@@ -686,7 +640,7 @@ class SqliteStore(Generic[EventT, EntityT]):
                 busy_timeout_ms,
             )
         except sqlite3.Error as error:
-            raise _translate(
+            raise translate_error(
                 error, doing="opening", path=text_path, busy_timeout_ms=busy_timeout_ms
             ) from error
         store: SqliteStore[Any, Any] | None = None
@@ -694,7 +648,7 @@ class SqliteStore(Generic[EventT, EntityT]):
             try:
                 reader = await trio.to_thread.run_sync(_open_reader, text_path, busy_timeout_ms)
             except sqlite3.Error as error:
-                raise _translate(
+                raise translate_error(
                     error, doing="opening", path=text_path, busy_timeout_ms=busy_timeout_ms
                 ) from error
             store = cls(
@@ -702,9 +656,12 @@ class SqliteStore(Generic[EventT, EntityT]):
                 aggregate_type,
                 transcoder,
                 statements,
-                _Connection(writer, "writer"),
-                _Connection(reader, "reader"),
+                Connection(writer, "writer"),
+                Connection(reader, "reader"),
                 busy_timeout_ms,
+                synchronous=synchronous,
+                poll_interval=poll_interval,
+                takeover_interval=takeover_interval,
             )
             yield store
         finally:
@@ -715,23 +672,23 @@ class SqliteStore(Generic[EventT, EntityT]):
 
     async def _close(self) -> None:
         for connection in (self._writer, self._reader):
-            with trio.move_on_after(_CLOSE_TIMEOUT_S, shield=True) as scope:
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
                 await connection.close()
             if scope.cancelled_caught:  # pragma: no cover - a thread call hung
                 logger.error(
                     "gave up closing the SQLite %s connection to %r after %s s",
                     connection.role,
                     self.path,
-                    _CLOSE_TIMEOUT_S,
+                    CLOSE_TIMEOUT_S,
                 )
 
     async def _run(
-        self, connection: _Connection, fn: Callable[[sqlite3.Connection, _Interrupt], T], doing: str
+        self, connection: Connection, fn: Callable[[sqlite3.Connection, Interrupt], T], doing: str
     ) -> T:
         try:
             return await connection.run(fn)
         except sqlite3.Error as error:
-            raise _translate(
+            raise translate_error(
                 error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
             ) from error
 
@@ -758,9 +715,11 @@ class SqliteStore(Generic[EventT, EntityT]):
         tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(
             self, PendingWrites(self.transcoder, self.aggregate_type)
         )
-        return transaction_block(tx, self._commit_writes)
+        return transaction_block(tx, functools.partial(self._commit_writes, tx))
 
-    async def _commit_writes(self, pending: PendingWrites[Any, Any]) -> None:
+    async def _commit_writes(
+        self, tx: SqliteTransaction[Any, Any], pending: PendingWrites[Any, Any]
+    ) -> None:
         plan = _Commit(
             self._statements,
             self.aggregate_type,
@@ -769,9 +728,10 @@ class SqliteStore(Generic[EventT, EntityT]):
             pending.snapshot_rows(),
             self._busy_timeout_ms,
         )
-        await self._group_commit.commit(plan)
+        recorded: _Recorded = await self._group_commit.commit(plan)
+        tx.recorded = recorded
 
-    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[None]]:
+    async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[_Recorded]]:
         doing = "committing a transaction"
         try:
             results = await self._run(
@@ -779,10 +739,22 @@ class SqliteStore(Generic[EventT, EntityT]):
             )
         except _CommitOutcomeUnknown as unknown:
             # The whole batch was one transaction: every plan it accepted shares its fate.
+            # Not known to be stored, so no watch is woken: polling finds it if it is.
             results = [
                 outcome.Error(unknown) if isinstance(result, outcome.Value) else result
                 for result in unknown.results
             ]
+        else:
+            # Right after the commit, before any checkpoint: a cancelled caller still
+            # wakes the watches for what it committed.
+            positions = [
+                position
+                for result in results
+                if isinstance(result, outcome.Value)
+                for position, _ in result.value.values()
+            ]
+            if positions:
+                raise_head(self._head, max(positions))
         results = [
             outcome.Error(self._unknown(plan, result.error))
             if isinstance(result, outcome.Error) and isinstance(result.error, _CommitOutcomeUnknown)
@@ -792,7 +764,7 @@ class SqliteStore(Generic[EventT, EntityT]):
         return translate_outcomes(
             results,
             sqlite3.Error,
-            lambda error: _translate(
+            lambda error: translate_error(
                 error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
             ),
         )
@@ -873,3 +845,63 @@ class SqliteStore(Generic[EventT, EntityT]):
             EventStoreError: a stored event cannot be decoded, or SQLite failed.
         """
         return await self._reads.read_all(after_position, limit)
+
+    async def head_position(self) -> int:
+        """The global position of this store's last committed event (0 with none).
+
+        Raises:
+            EventStoreError: SQLite failed.
+        """
+        return await self._reads.head_position()
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[HeadWatch]:
+        """Wake-ups for one subscriber while the block runs.
+
+        ``await watch.wait(after)`` returns at once when this store object has committed
+        beyond ``after``, as soon as it does, and otherwise after :attr:`poll_interval`
+        seconds (SQLite announces nothing: other processes' commits are found by reading).
+        """
+        yield HeadWatch(self._head, self.poll_interval)
+
+    async def checkpoint_position(self, name: str) -> int:
+        """Projection ``name``'s stored checkpoint (0 when it never ran), read without its lease.
+
+        Read on the store's reader connection: what a standby instance follows.
+
+        Raises:
+            TypeError, ValueError: ``name`` is not a non-empty str.
+            EventStoreError: SQLite failed.
+        """
+        name = check_text(check_projection_name(name), "projection name")
+        key = (self._statements.events_table_key, self.aggregate_type, name)
+
+        def read(connection: Queryable) -> int:
+            rows = connection.execute(self._statements.select_checkpoint, key).fetchall()
+            return int(rows[0][0]) if rows else 0
+
+        return await self._read(read, f"reading the checkpoint of projection {name!r}")
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[SqliteLease]:
+        """Wait until this is the one active instance of projection ``name``; hold it.
+
+        The lease is an exclusive ``flock`` on ``{path}-trio_es-{digest}.lock`` next to
+        the database (kept there afterwards), tried every :attr:`takeover_interval`
+        seconds while another lease, in this process or another, holds it; a holder's
+        lock ends with its block or its process. The lease has its own connection for
+        the checkpoint and ``advance_with``; it is closed, then the lock released, when
+        the block exits.
+
+        Raises:
+            TypeError, ValueError: ``name`` is not a non-empty str.
+            EventStoreError: the lock file or the database cannot be opened.
+        """
+        settings = LeaseSettings(
+            self.path,
+            self._statements,
+            self.aggregate_type,
+            self._synchronous,
+            self._busy_timeout_ms,
+            self.takeover_interval,
+        )
+        return open_lease(settings, name)

@@ -9,18 +9,32 @@ holds the conformance suite.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import datetime
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
-from ._types import Aggregate, EventEnvelope, Metadata, Snapshot
+import attrs
+
+from ._types import Aggregate, EventEnvelope, Metadata, Snapshot, StoredEvent
 from ._validated import check_int
 
-__all__ = ["EventStore", "check_events", "check_read_all", "events_iterator"]
+__all__ = [
+    "EventStore",
+    "Lease",
+    "ProjectionSource",
+    "Watch",
+    "check_events",
+    "check_read_all",
+    "committed_envelopes",
+    "events_iterator",
+]
 
 TxT = TypeVar("TxT")
 EventT = TypeVar("EventT")
 EntityT = TypeVar("EntityT")
+EnvelopeT = TypeVar("EnvelopeT", bound="EventEnvelope[Any]")
 
 
 class EventStore(Protocol[TxT, EventT, EntityT]):
@@ -125,3 +139,134 @@ def events_iterator(events: object) -> Iterator[Any] | None:
         return iter(events)  # type: ignore[call-overload, no-any-return]
     except TypeError:
         return None
+
+
+#: What a committed transaction handle may carry as ``recorded``: each committed event's
+#: id mapped to its ``(global_position, recorded_at)``.
+Recorded = Mapping[uuid.UUID, tuple[int, datetime.datetime]]
+
+
+def committed_envelopes(tx: object, envelopes: Sequence[EnvelopeT]) -> Sequence[EnvelopeT]:
+    """``envelopes`` (as ``commit_events`` staged them in ``tx``) with their place in the store.
+
+    Once its block committed, a transaction handle of the stores in this package carries
+    ``recorded`` (see :data:`Recorded`); the envelopes are returned with
+    ``global_position`` and ``recorded_at`` filled in from it. A store without it (one a
+    user wrote) leaves them as they are (``None``).
+    """
+    recorded: Recorded | None = getattr(tx, "recorded", None)
+    if not recorded or not envelopes:
+        return envelopes
+    positioned: list[EnvelopeT] = []
+    for envelope in envelopes:
+        place = recorded.get(envelope.event_id) if envelope.event_id is not None else None
+        if place is None:
+            positioned.append(envelope)
+        else:
+            positioned.append(
+                attrs.evolve(envelope, global_position=place[0], recorded_at=place[1])
+            )
+    return positioned
+
+
+class Watch(Protocol):
+    """Wake-ups for a subscriber: tells it when new events may have been committed."""
+
+    async def wait(self, after: int) -> None:
+        """Return once events after global position ``after`` may have been committed.
+
+        Returns at once when the store already knows of such events (committed through
+        this store object, or announced by the database), else on the next
+        announcement, and at the latest after the store's poll interval (commits that
+        nobody announces, e.g. another process's on SQLite). A spurious return is
+        allowed: the subscriber reads and waits again.
+        """
+        ...
+
+
+class Lease(Protocol):
+    """A projection's single-active lease in one store, with its checkpoint.
+
+    Held from when ``projection_lease`` yielded it until its block exits; only one lease
+    per (events table, aggregate type, projection name) exists at a time, across every
+    process using the database. The checkpoint is the global position of the last event
+    the projection processed (0: none).
+    """
+
+    async def checkpoint(self) -> int:
+        """The stored checkpoint (0 for a projection that never ran)."""
+        ...
+
+    async def advance(self, expected: int, position: int) -> None:
+        """Move the checkpoint from ``expected`` to ``position``.
+
+        Raises:
+            CheckpointMoved: the stored checkpoint is not ``expected`` (a rebuild reset
+                it); nothing changed.
+            EventStoreError: the store failed (or the lease was lost with its
+                connection); nothing changed.
+        """
+        ...
+
+    async def advance_with(
+        self,
+        expected: int,
+        position: int,
+        fn: Callable[[Any, list[EventEnvelope[Any]]], None],
+        batch: list[EventEnvelope[Any]],
+    ) -> None:
+        """Run ``fn(connection, batch)`` and move the checkpoint, in one transaction.
+
+        ``fn`` runs in a worker thread with the database connection (a
+        ``sqlite3.Connection``, or a ``psycopg.Connection`` in a transaction) and must
+        not commit or roll back; if it raises, nothing of it and no checkpoint move is
+        kept, and its exception propagates as itself.
+
+        Raises:
+            CheckpointMoved: as :meth:`advance`; nothing of ``fn`` is kept.
+            TypeError: the store keeps no database for ``fn`` (the memory store).
+            EventStoreError: the store failed; nothing is kept.
+        """
+        ...
+
+    async def reset(self, fn: Callable[[Any], None] | None = None) -> None:
+        """Set the checkpoint to 0, running ``fn(connection)`` in the same transaction."""
+        ...
+
+
+class ProjectionSource(Protocol[EventT]):
+    """What :func:`trio_es.subscribe` and projections need from a store.
+
+    The memory, SQLite and PostgreSQL stores provide it.
+    """
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> Sequence[StoredEvent[EventT]]:
+        """Up to ``limit`` committed events after ``after_position``, in position order.
+
+        Their envelopes carry ``global_position``, ``event_id`` and ``recorded_at``.
+        """
+        ...
+
+    async def head_position(self) -> int:
+        """The global position of the last committed event (0 with none)."""
+        ...
+
+    async def checkpoint_position(self, name: str) -> int:
+        """Projection ``name``'s stored checkpoint (0 when it never ran), read without
+        its lease: what a standby instance follows."""
+        ...
+
+    def watch(self) -> AbstractAsyncContextManager[Watch]:
+        """Wake-ups for one subscriber while the block runs (see :class:`Watch`)."""
+        ...
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[Lease]:
+        """Wait until this is the one active instance of projection ``name``; hold it.
+
+        Waits (cancellably) while another instance, in this process or another, holds
+        it; takes over within the store's takeover interval after that one ends or its
+        process dies. The lease ends when the block exits.
+        """
+        ...

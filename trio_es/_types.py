@@ -23,6 +23,8 @@ __all__ = [
     "EventEnvelope",
     "ExecuteCommand",
     "ExecuteCommandWithResponse",
+    "ExecuteForResult",
+    "ExecuteResult",
     "GetAggregateStats",
     "GetSystemStats",
     "LoadAggregate",
@@ -33,6 +35,7 @@ __all__ = [
     "Message",
     "Metadata",
     "ProcessEvents",
+    "ProjectionStats",
     "Reply",
     "SerializedEventEnvelope",
     "Snapshot",
@@ -135,6 +138,11 @@ class MemoryStoreEventEnvelope(Generic[EventT]):
     #: The event's unique id, given when it was staged; it never changes. Not part of
     #: equality: envelopes compare by their content, as before ids existed.
     event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True, eq=False)
+    #: The event's place in the whole store, increasing in commit order (``None`` until
+    #: committed, e.g. in the envelopes ``commit_events`` returns). Not part of equality.
+    global_position: int | None = attrs.field(default=None, kw_only=True, eq=False)
+    #: When the event was committed (aware, UTC; ``None`` until committed).
+    recorded_at: datetime.datetime | None = attrs.field(default=None, kw_only=True, eq=False)
 
 
 @final
@@ -152,6 +160,11 @@ class SerializedEventEnvelope(Generic[EventT]):
     #: The event's unique id, given when it was staged; it never changes (``None`` only
     #: for envelopes built by hand). Not part of equality: envelopes compare by content.
     event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True, eq=False)
+    #: The event's place in the whole store, increasing in commit order (``None`` until
+    #: committed, e.g. in the envelopes ``commit_events`` returns). Not part of equality.
+    global_position: int | None = attrs.field(default=None, kw_only=True, eq=False)
+    #: When the event was committed (aware, UTC; ``None`` until committed).
+    recorded_at: datetime.datetime | None = attrs.field(default=None, kw_only=True, eq=False)
 
 
 #: Either kind of stored event.
@@ -204,6 +217,52 @@ class AggregateStats:
     has_snapshot: bool
 
 
+@final
+@attrs.frozen
+class ExecuteResult:
+    """What :meth:`EventSourcing.execute <trio_es.EventSourcing.execute>` returns.
+
+    Attributes:
+        aggregate_id: the aggregate the command ran on.
+        sequence: the aggregate's sequence right after this command's events (its
+            sequence before the command when it emitted none).
+        global_position: the ``global_position`` of the command's last event, or
+            ``None`` when it emitted none: pass it to
+            :meth:`~trio_es.EventSourcing.wait_for_projection` to read your own write.
+    """
+
+    aggregate_id: str
+    sequence: int
+    global_position: int | None
+
+
+@final
+@attrs.frozen
+class ProjectionStats:
+    """How far one projection has got, as :meth:`~trio_es.EventSourcing.projection_stats` tells.
+
+    Attributes:
+        name: the projection's name.
+        position: the ``global_position`` of the last event it processed (its checkpoint
+            when it runs in another process).
+        head: the ``global_position`` of the store's last event.
+        lag: ``head - position``: how many positions it is behind (0 when caught up).
+        status: ``"running"`` (active here, or waiting to take over from the process
+            that is), ``"failed"`` (stopped after a batch kept failing; see the log) or
+            ``"stopped"`` (the system is stopping).
+        events_per_second: events processed per second over the last few seconds.
+        active: whether this process is the one processing it (only one process is).
+    """
+
+    name: str
+    position: int
+    head: int
+    lag: int
+    status: str
+    events_per_second: float
+    active: bool = attrs.field(default=False, kw_only=True)
+
+
 # Messages. The public functions build them; code that talks to the eventsourcing subject
 # directly may build them too. ``reply_to`` subjects receive an ``outcome.Outcome``.
 
@@ -227,6 +286,21 @@ class ExecuteCommandWithResponse:
     command: Any
     metadata: Metadata
     reply_to: Reply[None]
+
+
+@final
+@attrs.frozen
+class ExecuteForResult:
+    """Run ``command``; ``reply_to`` gets an :class:`ExecuteResult` once committed, or the error.
+
+    What :meth:`EventSourcing.execute <trio_es.EventSourcing.execute>` sends; the message
+    API's :class:`ExecuteCommandWithResponse` keeps answering ``None``.
+    """
+
+    aggregate_id: str
+    command: Any
+    metadata: Metadata
+    reply_to: Reply[ExecuteResult]
 
 
 @final
@@ -296,6 +370,7 @@ class ProcessEvents(Generic[EventT]):
 AggregateMessage: TypeAlias = (
     ExecuteCommand
     | ExecuteCommandWithResponse
+    | ExecuteForResult
     | LoadAggregate
     | LoadAllEvents
     | LoadEvents

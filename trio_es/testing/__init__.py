@@ -6,6 +6,8 @@
   tests, without fixtures.
 * :class:`EventStoreConformance`: the store tests every :class:`~trio_es.EventStore`
   must pass; subclass it to run them against your own store (needs pytest).
+  :class:`ProjectionSourceConformance` does the same for what subscriptions and
+  projections need (positions, watches, leases, checkpoints).
 * :func:`check_runtime` and :class:`ModelCheck`: the stateful model check, which runs
   Hypothesis-generated concurrent programs (with crashes, cancellations and store
   faults) against the real runtime and checks every reply, stored event, read and
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     from ._conformance import Added as Added
     from ._conformance import Counter as Counter
     from ._conformance import EventStoreConformance as EventStoreConformance
+    from ._conformance import ProjectionSourceConformance as ProjectionSourceConformance
     from ._conformance import Renamed as Renamed
     from ._conformance import Tagged as Tagged
     from ._conformance import Unregistered as Unregistered
@@ -116,6 +119,7 @@ _LAZY: Final[dict[str, str]] = {
     "Added": "_conformance",
     "Counter": "_conformance",
     "EventStoreConformance": "_conformance",
+    "ProjectionSourceConformance": "_conformance",
     "Renamed": "_conformance",
     "Tagged": "_conformance",
     "Unregistered": "_conformance",

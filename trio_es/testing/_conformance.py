@@ -14,7 +14,8 @@ that yields a fresh, empty store whose transcoder (if it serializes) comes from
 
 pytest collects every ``test_*`` method of the subclass. The tests need pytest and
 pytest-trio with ``trio_mode = true`` (or mark them yourself). Class attributes switch
-off what a store does not have:
+off what a store does not have (see :class:`ProjectionSourceConformance` for the
+subscription and projection side):
 
 * ``supports_serialization = False`` for stores that keep Python objects (the memory
   store): the serialization-error tests are skipped.
@@ -30,16 +31,19 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar, Final, TypeAlias
 
 import attrs
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
-from .._errors import ConcurrencyConflict, EventStoreError
+from .._errors import CheckpointMoved, ConcurrencyConflict, EventStoreError
 from .._serialization import Transcoder
+from .._store import committed_envelopes
 from .._types import Aggregate, Metadata, Snapshot, utc_now
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "Added",
     "Counter",
     "EventStoreConformance",
+    "ProjectionSourceConformance",
     "Renamed",
     "Tagged",
     "Unregistered",
@@ -609,3 +614,447 @@ class EventStoreConformance:
             await store.read_all(0, 0)
         with pytest.raises(ValueError, match="after_position"):
             await store.read_all(-1, 10)
+
+
+# -- subscriptions and projections ---------------------------------------------------
+
+#: What the ``open_another_store`` fixture returns: opens a second store object on the
+#: database of the ``store`` fixture (same tables, same aggregate type).
+OpenStore: TypeAlias = Callable[[], AbstractAsyncContextManager[Any]]
+
+#: Extra seconds the timing checks allow on top of the store's intervals (worker threads
+#: and a busy CI machine are slow; the intervals are what is being checked).
+_SLACK: Final = 2.0
+#: The table the transactional tests write through ``advance_with``.
+_MODEL_TABLE: Final = "trio_es_conformance_model"
+
+
+async def _commit_tx(
+    store: Any, aggregate_id: str, sequence: int, events: list[Any]
+) -> tuple[Any, list[Any]]:
+    """Commit ``events`` in a transaction of their own; return its handle and the envelopes."""
+    async with store.transaction() as tx:
+        envelopes, _ = await store.commit_events(
+            tx, Aggregate(aggregate_id, _NO_ENTITY, sequence), events, ()
+        )
+    return tx, list(envelopes)
+
+
+def _place(envelope: Any) -> tuple[Any, Any, Any]:
+    return (envelope.event_id, envelope.global_position, envelope.recorded_at)
+
+
+def _is_utc(moment: object) -> bool:
+    return isinstance(moment, datetime.datetime) and moment.utcoffset() == datetime.timedelta(0)
+
+
+def _create_model(connection: Any, batch: list[Any]) -> None:
+    connection.execute(f"CREATE TABLE {_MODEL_TABLE} (amount INTEGER NOT NULL)")
+    _insert_model(connection, batch)
+
+
+def _insert_model(connection: Any, batch: list[Any]) -> None:
+    # Plain SQL without parameters: sqlite3 and psycopg spell placeholders differently.
+    for envelope in batch:
+        connection.execute(
+            f"INSERT INTO {_MODEL_TABLE} (amount) VALUES ({int(envelope.payload.amount)})"
+        )
+
+
+async def _model(lease: Any) -> list[int]:
+    """The model table's rows, read in a transaction that leaves the checkpoint where it is."""
+    rows: list[int] = []
+
+    def read(connection: Any, _: list[Any]) -> None:
+        cursor = connection.execute(f"SELECT amount FROM {_MODEL_TABLE} ORDER BY amount")
+        rows.extend(int(row[0]) for row in cursor.fetchall())
+
+    position = await lease.checkpoint()
+    await lease.advance_with(position, position, read, [])
+    return rows
+
+
+class ProjectionSourceConformance:
+    """What subscriptions and projections need from a store; subclass it (as ``Test...``).
+
+    Give the subclass a ``store`` fixture that yields a fresh, empty store opened with
+    the intervals of the class attributes below (and whose transcoder, if it serializes,
+    comes from :func:`conformance_transcoder`)::
+
+        class TestMyStoreAsSource(ProjectionSourceConformance):
+            poll_interval = 0.5
+
+            @pytest.fixture
+            async def store(self, tmp_path):
+                async with MyStore.open(tmp_path / "db", transcoder=conformance_transcoder(),
+                                        poll_interval=self.poll_interval,
+                                        takeover_interval=self.takeover_interval) as s:
+                    yield s
+
+            @pytest.fixture
+            def open_another_store(self, tmp_path):
+                return lambda: MyStore.open(tmp_path / "db", ...)  # the same database
+
+    ``open_another_store`` is optional: a function that opens a second store object on
+    the ``store`` fixture's database (an async context manager, as ``open`` is). Without
+    it (the default fixture returns ``None``) the tests across store objects are
+    skipped; a store whose data lives in the store object (the memory store) has none.
+
+    The checks covered: envelopes carry ``event_id``, ``global_position`` and
+    ``recorded_at``; positions rise in commit order; ``committed_envelopes`` of a
+    committed transaction (also one batched with others by a group commit) equals what
+    ``read_all`` returns; ``head_position``; ``checkpoint_position``; a watch wakes at
+    once for this store object's commits and returns within the poll interval otherwise
+    (seeing another store object's commits); one lease per projection name at a time,
+    taken over when its holder ends; checkpoints (compare-and-set, ``CheckpointMoved``,
+    reset); and ``advance_with`` keeping its function's writes with the checkpoint or
+    neither. The transactional tests create and fill a table ``trio_es_conformance_model``
+    through the connection ``advance_with`` gives (``connection.execute(sql)`` without
+    parameters, then ``fetchall()``: sqlite3 and psycopg both have them).
+
+    Timing checks use real time with the intervals below, plus slack for busy machines.
+    """
+
+    #: The ``poll_interval`` the ``store`` fixture opened the store with, in seconds.
+    poll_interval: ClassVar[float] = 0.5
+    #: The ``takeover_interval`` the ``store`` fixture opened the store with, in seconds
+    #: (ignored by stores whose leases need no polling).
+    takeover_interval: ClassVar[float] = 0.1
+    #: False for stores without a database connection for ``advance_with`` and
+    #: ``reset(fn)`` (the memory store): those must then raise ``TypeError``.
+    supports_transactional: ClassVar[bool] = True
+
+    @pytest.fixture
+    def store(self) -> Any:
+        """Override: yield a fresh, empty store (an async fixture is fine)."""
+        raise NotImplementedError(
+            "define a `store` fixture in your ProjectionSourceConformance subclass that "
+            "yields a fresh, empty store"
+        )
+
+    @pytest.fixture
+    def open_another_store(self) -> OpenStore | None:
+        """Override: return a function opening a second store object on the same database."""
+        return None
+
+    # -- envelopes and positions --
+
+    async def test_envelopes_carry_id_position_and_commit_time(self, store: Any) -> None:
+        """Loaded and read_all envelopes carry event_id, global_position and UTC recorded_at."""
+        await _commit_tx(store, "a", 0, [Added(1), Added(2)])
+        await _commit_tx(store, "b", 0, [Added(3)])
+        stored = await store.read_all(0, 100)
+        assert len(stored) == 3
+        for item in stored:
+            envelope = item.envelope
+            assert isinstance(envelope.event_id, uuid.UUID)
+            assert isinstance(envelope.global_position, int)
+            assert item.global_position == envelope.global_position
+            assert _is_utc(envelope.recorded_at)
+            assert item.recorded_at == envelope.recorded_at
+        loaded = [*await _load(store, "a"), *await _load(store, "b")]
+        assert [_place(e) for e in loaded] == [_place(s.envelope) for s in stored]
+
+    async def test_positions_rise_in_commit_order(self, store: Any) -> None:
+        """Positions rise in commit order across aggregates and transactions, as in read_all."""
+        await _commit_tx(store, "a", 0, [Added(1)])
+        await _commit_tx(store, "b", 0, [Added(2), Added(3)])
+        await _commit_tx(store, "a", 1, [Added(4)])
+        async with store.transaction() as tx:
+            await store.commit_events(tx, Aggregate("c", _NO_ENTITY, 0), [Added(5)], ())
+            await store.commit_events(tx, Aggregate("b", _NO_ENTITY, 2), [Added(6)], ())
+        stored = await store.read_all(0, 100)
+        positions = [s.global_position for s in stored]
+        assert positions == sorted(set(positions))
+        assert [s.envelope.payload.amount for s in stored[:4]] == [1, 2, 3, 4]
+        assert {s.envelope.payload.amount for s in stored[4:]} == {5, 6}
+        by_id = {s.envelope.event_id: s.global_position for s in stored}
+        for aggregate_id in ("a", "b", "c"):
+            for envelope in await _load(store, aggregate_id):
+                assert envelope.global_position == by_id[envelope.event_id]
+        assert await store.read_all(positions[3], 100) == stored[4:]
+
+    async def test_committed_envelopes_match_read_all(self, store: Any) -> None:
+        """After its block, committed_envelopes(tx, staged) has the places read_all returns."""
+        await _commit_tx(store, "a", 0, [Added(1)])
+        async with store.transaction() as tx:
+            first, _ = await store.commit_events(
+                tx, Aggregate("a", _NO_ENTITY, 1), [Added(2), Added(3)], ()
+            )
+            second, _ = await store.commit_events(tx, Aggregate("b", _NO_ENTITY, 0), [Added(4)], ())
+        staged = [*first, *second]
+        committed = committed_envelopes(tx, staged)
+        stored = await store.read_all(0, 100)
+        expected = {s.envelope.event_id: _place(s.envelope) for s in stored}
+        assert [_place(e) for e in committed] == [expected[e.event_id] for e in staged]
+        assert all(isinstance(e.global_position, int) for e in committed)
+        # The content stays as staged.
+        assert [(e.aggregate_id, e.sequence, e.payload) for e in committed] == [
+            (e.aggregate_id, e.sequence, e.payload) for e in staged
+        ]
+
+    async def test_committed_envelopes_of_concurrent_transactions(self, store: Any) -> None:
+        """Transactions committing at once (group-committed, if batched) each get their places."""
+        committed: list[Any] = []
+
+        async def commit(number: int) -> None:
+            tx, staged = await _commit_tx(
+                store, f"acc-{number}", 0, [Added(number), Added(-number)]
+            )
+            committed.extend(committed_envelopes(tx, staged))
+
+        async with trio.open_nursery() as nursery:
+            for number in range(1, 25):
+                nursery.start_soon(commit, number)
+        stored = await store.read_all(0, 1000)
+        assert len(stored) == len(committed) == 48
+        assert sorted(_place(e) for e in committed) == sorted(_place(s.envelope) for s in stored)
+
+    async def test_head_position(self, store: Any) -> None:
+        """head_position is 0 when empty, then the last committed position; a rollback leaves it."""
+        assert await store.head_position() == 0
+        await _commit_tx(store, "a", 0, [Added(1), Added(2)])
+        await _commit_tx(store, "b", 0, [Added(3)])
+        head = await store.head_position()
+        assert head == (await store.read_all(0, 100))[-1].global_position
+
+        async def rolled_back() -> None:
+            async with store.transaction() as tx:
+                await store.commit_events(tx, Aggregate("c", _NO_ENTITY, 0), [Added(9)], ())
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError, match="rolled back"):
+            await rolled_back()
+        assert await store.head_position() == head
+
+    # -- watches --
+
+    async def test_watch_returns_at_once_for_committed_events(self, store: Any) -> None:
+        """wait(after) returns at once when this store object committed beyond after."""
+        await _commit_tx(store, "a", 0, [Added(1), Added(2)])
+        head = await store.head_position()
+        async with store.watch() as watch:
+            with trio.fail_after(self.poll_interval / 2):
+                await watch.wait(0)
+                await watch.wait(head - 1)
+
+    async def test_watch_wakes_at_once_on_a_commit(self, store: Any) -> None:
+        """A waiting subscriber wakes right after a commit through the store, not at a poll."""
+        head = await store.head_position()
+        committed = trio.Event()
+        woke = trio.Event()
+        async with store.watch() as watch:
+
+            async def subscriber() -> None:
+                while not committed.is_set():
+                    await watch.wait(head)
+                woke.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(subscriber)
+                await trio.testing.wait_all_tasks_blocked()
+                await _commit_tx(store, "a", 0, [Added(1)])
+                committed.set()
+                with trio.fail_after(self.poll_interval / 2):
+                    await woke.wait()
+
+    async def test_watch_returns_within_the_poll_interval(self, store: Any) -> None:
+        """Without commits, wait returns after the poll interval at the latest."""
+        await _commit_tx(store, "a", 0, [Added(1)])
+        head = await store.head_position()
+        async with store.watch() as watch:
+            with trio.fail_after(self.poll_interval + _SLACK):
+                await watch.wait(head)
+
+    async def test_watch_sees_another_store_objects_commits(
+        self, store: Any, open_another_store: OpenStore | None
+    ) -> None:
+        """A subscriber of one store object reads another's commit within the poll interval."""
+        if open_another_store is None:
+            pytest.skip("the store fixture has no second store object (open_another_store)")
+        head = await store.head_position()
+        seen: list[Any] = []
+        waiting, done = trio.Event(), trio.Event()
+
+        async def subscriber() -> None:
+            async with store.watch() as watch:
+                while not (new := await store.read_all(head, 10)):
+                    waiting.set()
+                    await watch.wait(head)
+            seen.extend(new)
+            done.set()
+
+        async with open_another_store() as other, trio.open_nursery() as nursery:
+            nursery.start_soon(subscriber)
+            await waiting.wait()
+            await _commit_tx(other, "a", 0, [Added(7)])
+            with trio.fail_after(self.poll_interval + _SLACK):
+                await done.wait()
+        assert [s.envelope.payload for s in seen] == [Added(7)]
+
+    # -- leases --
+
+    async def test_one_lease_per_name_at_a_time(self, store: Any) -> None:
+        """A second lease of a name waits while the first is held, and takes over when it ends."""
+        await self._check_takeover(store, store)
+
+    async def test_one_lease_across_store_objects(
+        self, store: Any, open_another_store: OpenStore | None
+    ) -> None:
+        """Leases of one name on two store objects of one database exclude each other too."""
+        if open_another_store is None:
+            pytest.skip("the store fixture has no second store object (open_another_store)")
+        async with open_another_store() as other:
+            await self._check_takeover(store, other)
+
+    async def _check_takeover(self, first_store: Any, second_store: Any) -> None:
+        holders: list[str] = []
+        took_over = trio.Event()
+
+        async def standby(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            async with second_store.projection_lease("balances") as lease:
+                holders.append("second")
+                assert await lease.checkpoint() == 5
+                took_over.set()
+
+        async with trio.open_nursery() as nursery:
+            async with first_store.projection_lease("balances") as lease:
+                holders.append("first")
+                await lease.checkpoint()
+                await nursery.start(standby)
+                await trio.sleep(self.takeover_interval * 3)
+                assert holders == ["first"]
+                await lease.advance(0, 5)
+            with trio.fail_after(self.takeover_interval + _SLACK):
+                await took_over.wait()
+        assert holders == ["first", "second"]
+
+    async def test_leases_of_other_names_do_not_wait(self, store: Any) -> None:
+        """Leases of different projection names are held at the same time."""
+        with trio.fail_after(_SLACK):
+            async with store.projection_lease("a") as a, store.projection_lease("b") as b:
+                await a.advance(await a.checkpoint(), 3)
+                assert await b.checkpoint() == 0
+
+    async def test_waiting_for_a_lease_is_cancellable(self, store: Any) -> None:
+        """A standby cancelled while it waits leaves; the lease is free again afterwards."""
+        async with store.projection_lease("p"):
+            with trio.move_on_after(self.takeover_interval * 2) as scope:
+                async with store.projection_lease("p"):
+                    pytest.fail("took a lease that was held")  # pragma: no cover
+            assert scope.cancelled_caught
+        with trio.fail_after(self.takeover_interval + _SLACK):
+            async with store.projection_lease("p") as lease:
+                assert await lease.checkpoint() == 0
+
+    async def test_lease_ends_with_its_block(self, store: Any) -> None:
+        """A block that raises releases the lease; a lease used after its block is refused."""
+        with pytest.raises(RuntimeError, match="handler broke"):
+            async with store.projection_lease("p") as kept:
+                raise RuntimeError("handler broke")
+        with pytest.raises(EventStoreError, match="ended"):
+            await kept.checkpoint()
+        with trio.fail_after(self.takeover_interval + _SLACK):
+            async with store.projection_lease("p") as lease:
+                assert await lease.checkpoint() == 0
+
+    @pytest.mark.parametrize("name", ["", 7], ids=["empty", "int"])
+    async def test_projection_names_are_checked(self, store: Any, name: object) -> None:
+        """A projection name must be a non-empty str."""
+        with pytest.raises((TypeError, ValueError), match="projection name"):
+            async with store.projection_lease(name):
+                pass  # pragma: no cover
+
+    # -- checkpoints --
+
+    async def test_checkpoint_compare_and_set(self, store: Any) -> None:
+        """Checkpoints start at 0, move only from the expected position, reset to 0, and persist."""
+        async with store.projection_lease("p") as lease:
+            assert await lease.checkpoint() == 0
+            await lease.advance(0, 3)
+            assert await lease.checkpoint() == 3
+            with pytest.raises(CheckpointMoved) as info:
+                await lease.advance(0, 9)
+            assert (info.value.name, info.value.expected, info.value.found) == ("p", 0, 3)
+            assert await lease.checkpoint() == 3
+            await lease.reset()
+            assert await lease.checkpoint() == 0
+            await lease.advance(0, 2)
+        async with store.projection_lease("p") as lease:
+            assert await lease.checkpoint() == 2
+        async with store.projection_lease("q") as lease:
+            assert await lease.checkpoint() == 0
+
+    async def test_checkpoint_position_reads_without_the_lease(
+        self, store: Any, open_another_store: OpenStore | None
+    ) -> None:
+        """checkpoint_position is 0 for a new projection, then what its lease stored, anywhere."""
+        assert await store.checkpoint_position("p") == 0
+        async with store.projection_lease("p") as lease:
+            await lease.advance(await lease.checkpoint(), 4)
+            # Read while another holds the lease: what a standby follows.
+            assert await store.checkpoint_position("p") == 4
+        assert await store.checkpoint_position("p") == 4
+        assert await store.checkpoint_position("q") == 0
+        if open_another_store is not None:
+            async with open_another_store() as other:
+                assert await other.checkpoint_position("p") == 4
+
+    async def test_advance_with_keeps_writes_with_the_checkpoint(self, store: Any) -> None:
+        """advance_with keeps fn's writes with the checkpoint; raising fn or stale CAS: neither."""
+        await _commit_tx(store, "a", 0, [Added(1), Added(2), Added(3)])
+        batch = [s.envelope for s in await store.read_all(0, 100)]
+        async with store.projection_lease("p") as lease:
+            assert await lease.checkpoint() == 0
+            if not self.supports_transactional:
+                with pytest.raises(TypeError, match="SQL store"):
+                    await lease.advance_with(0, 3, _create_model, batch)
+                with pytest.raises(TypeError, match="SQL store"):
+                    await lease.reset(lambda connection: None)
+                assert await lease.checkpoint() == 0
+                return
+            first = batch[0].global_position
+            await lease.advance_with(0, first, _create_model, batch[:1])
+            assert (await lease.checkpoint(), await _model(lease)) == (first, [1])
+
+            boom = ValueError("the handler broke")
+
+            def insert_then_fail(connection: Any, events: list[Any]) -> None:
+                _insert_model(connection, events)
+                raise boom
+
+            with pytest.raises(ValueError, match="handler broke") as info:
+                await lease.advance_with(first, 99, insert_then_fail, batch[1:])
+            assert info.value is boom
+            with pytest.raises(CheckpointMoved) as moved:
+                await lease.advance_with(0, 99, _insert_model, batch[1:])
+            assert (moved.value.expected, moved.value.found) == (0, first)
+            assert (await lease.checkpoint(), await _model(lease)) == (first, [1])
+
+            last = batch[-1].global_position
+            await lease.advance_with(first, last, _insert_model, batch[1:])
+            assert (await lease.checkpoint(), await _model(lease)) == (last, [1, 2, 3])
+
+    async def test_reset_with_fn_runs_in_the_same_transaction(self, store: Any) -> None:
+        """reset(fn) sets the checkpoint to 0 with fn's writes; a raising fn keeps neither."""
+        if not self.supports_transactional:
+            pytest.skip("this store keeps no database for fn (advance_with test covers it)")
+        await _commit_tx(store, "a", 0, [Added(1), Added(2)])
+        batch = [s.envelope for s in await store.read_all(0, 100)]
+        last = batch[-1].global_position
+
+        def clear(connection: Any) -> None:
+            connection.execute(f"DELETE FROM {_MODEL_TABLE}")
+
+        def clear_then_fail(connection: Any) -> None:
+            clear(connection)
+            raise KeyError("reset broke")
+
+        async with store.projection_lease("p") as lease:
+            await lease.advance_with(await lease.checkpoint(), last, _create_model, batch)
+            with pytest.raises(KeyError, match="reset broke"):
+                await lease.reset(clear_then_fail)
+            assert (await lease.checkpoint(), await _model(lease)) == (last, [1, 2])
+            await lease.reset(clear)
+            assert (await lease.checkpoint(), await _model(lease)) == (0, [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import attrs
@@ -125,6 +125,11 @@ class FaultTransaction(Generic[TxT]):
     #: (aggregate id, sequence before) of each ``commit_events`` call.
     appends: list[tuple[str, int]] = attrs.Factory(list)
 
+    @property
+    def recorded(self) -> Any:
+        """The inner handle's committed positions (see ``trio_es._store.committed_envelopes``)."""
+        return getattr(self.inner, "recorded", None)
+
 
 @final
 @attrs.define(eq=False)
@@ -228,3 +233,26 @@ class FaultInjectingStore(Generic[TxT, EventT, EntityT]):
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> Any:
         """The inner store's ``read_all`` (``AttributeError`` if it has none)."""
         return await self.inner.read_all(after_position, limit)  # type: ignore[attr-defined]
+
+    # Subscriptions and projections pass through untouched (faults are for commits);
+    # each raises ``AttributeError`` when the inner store has no such method.
+
+    async def head_position(self) -> int:
+        """The inner store's ``head_position``."""
+        head: int = await self.inner.head_position()  # type: ignore[attr-defined]
+        return head
+
+    async def checkpoint_position(self, name: str) -> int:
+        """The inner store's ``checkpoint_position``."""
+        position: int = await self.inner.checkpoint_position(name)  # type: ignore[attr-defined]
+        return position
+
+    def watch(self) -> AbstractAsyncContextManager[Any]:
+        """The inner store's ``watch``."""
+        watch: AbstractAsyncContextManager[Any] = self.inner.watch()  # type: ignore[attr-defined]
+        return watch
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[Any]:
+        """The inner store's ``projection_lease``."""
+        lease: AbstractAsyncContextManager[Any] = self.inner.projection_lease(name)  # type: ignore[attr-defined]
+        return lease

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import math
 import secrets
 import textwrap
@@ -56,11 +57,12 @@ from .._errors import (
     TransactionFailed,
     describe_error,
 )
+from .._projection import Projection
 from .._runtime import RuntimeOptions
 from .._serialization import Transcoder
 from .._store import EventStore
 from .._subject import new_name
-from .._types import Aggregate, AggregateStats, Snapshot, SnapshotConfig, SystemStats
+from .._types import Aggregate, AggregateStats, ExecuteResult, Snapshot, SnapshotConfig, SystemStats
 from .._validated import Frequency
 from ._faults import Fault, FaultInjectingStore, FaultKind
 from ._model import Accepted, Crashed, Decision, ReferenceModel, Rejected
@@ -129,6 +131,11 @@ _QUERY_QUIET_SECONDS: Final = 60.0
 _MAX_QUERY_FAILURES: Final = 3
 #: Query restarts allowed (per period); far above _MAX_QUERY_FAILURES.
 _QUERY_INTENSITY: Final = 10
+#: The projection every run feeds (when the store feeds projections): it resumes where
+#: the previous run on the same database left it, and sees only this run's aggregates.
+_PROJECTION: Final = "trio_es.testing.model-check"
+#: Small, so that a run's events span several batches.
+_PROJECTION_BATCH: Final = 3
 _SLACK: Final = 1e-6
 _TRANSCRIPT_LINES: Final = 150
 
@@ -506,11 +513,14 @@ def _short(value: Any) -> str:
 
 @attrs.frozen
 class _Seen:
-    """One event as a query or the store holds it: sequence, command id, payload."""
+    """One event as a query or the store holds it: sequence, command id, payload, and
+    its place in the whole store (so a query fed other positions than the store holds,
+    or none, differs from the stored stream)."""
 
     sequence: int
     command: int | None
     payload: Any
+    global_position: int | None = None
 
     def __str__(self) -> str:
         return f"{self.sequence}(#{self.command})"
@@ -527,7 +537,9 @@ def _command_id(metadata: Sequence[tuple[str, str]]) -> int | None:
 
 
 def _seen(envelopes: Iterable[Any]) -> tuple[_Seen, ...]:
-    return tuple(_Seen(e.sequence, _command_id(e.metadata), e.payload) for e in envelopes)
+    return tuple(
+        _Seen(e.sequence, _command_id(e.metadata), e.payload, e.global_position) for e in envelopes
+    )
 
 
 @attrs.define(eq=False)
@@ -552,6 +564,11 @@ class _Trace:
     hung: bool = False
     drain_hung: bool = False
     disrupt_errors: list[BaseException] = attrs.Factory(list)
+    #: The global positions the projection was handed, in order (every aggregate's).
+    projected: list[int] = attrs.Factory(list)
+    #: After the stop: the projection's stored checkpoint and the store's head, or
+    #: None when the store feeds no projections.
+    checkpoint: tuple[int, int] | None = None
 
     def tick(self) -> int:
         self.clock += 1
@@ -852,7 +869,15 @@ class ModelCheck(Generic[CommandT, EventT, EntityT]):
             idle_timeout=IDLE_TIMEOUT,
             mailbox_capacity=program.mailbox_capacity,
             query_intensity=_QUERY_INTENSITY,
+            projection_retries=_QUERY_INTENSITY,
+            projection_backoff=1.0,
         )
+        projections: list[Projection[Any]] = []
+        if _feeds_projections(inner):
+            trace.deliveries["projection"] = []
+            projections.append(
+                Projection(_PROJECTION, queries.projection, batch_size=_PROJECTION_BATCH)
+            )
         runtime_handle = _async_handle(self.domain)
         try:
             async with _facade.open_eventsourcing(
@@ -864,6 +889,7 @@ class ModelCheck(Generic[CommandT, EventT, EntityT]):
                 snapshot_config=snapshots,
                 options=options,
                 call_timeout=CALL_TIMEOUT_MS,
+                projections=projections,
             ) as es:
                 with trio.move_on_after(_HANG_SECONDS) as scope:
                     async with trio.open_nursery() as nursery:
@@ -978,6 +1004,12 @@ class ModelCheck(Generic[CommandT, EventT, EntityT]):
     async def _read_store(
         self, program: Program, trace: _Trace, inner: EventStore[Any, Any, Any]
     ) -> None:
+        if "projection" in trace.deliveries:
+            source: Any = inner
+            trace.checkpoint = (
+                await source.checkpoint_position(_PROJECTION),
+                await source.head_position(),
+            )
         for aggregate_id in trace.ids:
             trace.streams[aggregate_id] = _seen(await _stored(inner, aggregate_id))
             async with inner.transaction() as tx:
@@ -1078,6 +1110,55 @@ class _ClockHoldingStore:
         with _clock_held():
             return await self.inner.read_all(after_position, limit)  # type: ignore[attr-defined]
 
+    async def head_position(self) -> int:
+        with _clock_held():
+            head: int = await self.inner.head_position()  # type: ignore[attr-defined]
+            return head
+
+    async def checkpoint_position(self, name: str) -> int:
+        with _clock_held():
+            position: int = await self.inner.checkpoint_position(name)  # type: ignore[attr-defined]
+            return position
+
+    def watch(self) -> AbstractAsyncContextManager[Any]:
+        # Waiting is on Trio's clock (its poll interval): not held, only entering/exiting.
+        return _held_while_entering_and_exiting(self.inner.watch())  # type: ignore[attr-defined]
+
+    @contextlib.asynccontextmanager
+    async def projection_lease(self, name: str) -> AsyncIterator[Any]:
+        manager = self.inner.projection_lease(name)  # type: ignore[attr-defined]
+        async with _held_while_entering_and_exiting(manager) as lease:
+            yield _ClockHoldingLease(lease)
+
+
+@attrs.define(eq=False)
+class _ClockHoldingLease:
+    """A store's projection lease, with the clock held during its (thread) calls."""
+
+    inner: Any
+
+    async def checkpoint(self) -> int:
+        with _clock_held():
+            position: int = await self.inner.checkpoint()
+            return position
+
+    async def advance(self, expected: int, position: int) -> None:
+        with _clock_held():
+            await self.inner.advance(expected, position)
+
+    async def advance_with(self, expected: int, position: int, fn: Any, batch: Any) -> None:
+        with _clock_held():
+            await self.inner.advance_with(expected, position, fn, batch)
+
+    async def reset(self, fn: Any = None) -> None:
+        with _clock_held():
+            await self.inner.reset(fn)
+
+
+def _feeds_projections(store: object) -> bool:
+    names = ("read_all", "head_position", "checkpoint_position", "watch", "projection_lease")
+    return all(callable(getattr(store, name, None)) for name in names)
+
 
 async def _stored(inner: EventStore[Any, Any, Any], aggregate_id: str) -> Sequence[Any]:
     async with inner.transaction() as tx:
@@ -1133,6 +1214,7 @@ class _Queries:
     program: Program
     flaky_count: int = 0
     slow_count: int = 0
+    projection_count: int = 0
     #: Set (and replaced) at every delivery.
     progress: trio.Event = attrs.Factory(trio.Event)
 
@@ -1168,6 +1250,22 @@ class _Queries:
         if delays:
             await trio.sleep(delays[number % len(delays)])
         self._record("slow", aggregate_id, envelopes, True)
+
+    async def projection(self, batch: list[Any]) -> None:
+        """The projection's handler: fails on the planned deliveries, like the flaky query."""
+        number = self.projection_count
+        self.projection_count += 1
+        if number in self.program.query_failures:
+            raise PlannedQueryFailure(f"planted failure of the projection on delivery {number}")
+        ids = set(self.trace.ids)
+        trace = self.trace
+        deliveries = trace.deliveries.setdefault("projection", [])
+        for envelope in batch:
+            trace.projected.append(envelope.global_position)
+            if envelope.aggregate_id in ids:
+                deliveries.append(_Delivery(envelope.aggregate_id, _seen([envelope]), True))
+        self.progress.set()
+        self.progress = trio.Event()
 
     def caught_up(self, heads: dict[str, int]) -> bool:
         for deliveries in self.trace.deliveries.values():
@@ -1460,6 +1558,19 @@ class _Checker:
             sequence = run.last
         return stream.states[sequence], sequence
 
+    def _check_result(self, call: _Call, stream: _Stream, before: int, where: str) -> None:
+        """``execute`` returned the sequence and global position of what it stored."""
+        end = stream.ends.get(call.id)
+        expected = ExecuteResult(
+            self.trace.ids[stream.aggregate],
+            before if end is None else end,
+            None if end is None else stream.events[end - 1].global_position,
+        )
+        if call.value != expected:
+            self.fail(
+                "stored once", f"{where} returned {call.value!r}; the store says {expected!r}"
+            )
+
     def _check_replies(self) -> None:
         for call in self.executes:
             assert call.aggregate is not None
@@ -1488,12 +1599,14 @@ class _Checker:
                         f"{where} got {_describe(error)}; no fault could cause it",
                     )
                 continue
-            state, _ = self._state_at(stream, call)
+            state, before = self._state_at(stream, call)
             decision = None if state is _UNREPLAYABLE else self.model.decide(state, call.command)
             if error is None:
                 if isinstance(decision, Accepted):
                     if decision.events and not stored:
                         self.fail("stored once", f"{where} was acknowledged but is not stored")
+                    else:
+                        self._check_result(call, stream, before, where)
                 elif decision is not None:
                     self.fail(
                         "model",
@@ -1736,21 +1849,55 @@ class _Checker:
 
     def _check_queries(self) -> None:
         by_id = {self.trace.ids[n]: stream for n, stream in self.streams.items()}
+        # Connection kills may lose a checkpoint write after its batch was handled: the
+        # projection then gets that batch again (at least once). Nothing else may repeat.
+        again = self.check_.disrupt is not None
+        self._check_projection(again)
         for label, deliveries in self.trace.deliveries.items():
             seen: dict[str, list[_Seen]] = {aggregate_id: [] for aggregate_id in by_id}
             for delivery in deliveries:
                 if delivery.ok:
-                    seen.setdefault(delivery.aggregate_id, []).extend(delivery.events)
+                    events = seen.setdefault(delivery.aggregate_id, [])
+                    for event in delivery.events:
+                        if label == "projection" and again and event in events:
+                            continue
+                        events.append(event)
             for aggregate_id, got in seen.items():
                 stream = by_id.get(aggregate_id)
                 stored = () if stream is None else stream.events
                 if tuple(got) != stored:
                     name = aggregate_id if stream is None else self.trace.name(stream.aggregate)
+                    places = ""
+                    if _events(got) == _events(stored):  # the same events, other positions
+                        places = (
+                            f" (global positions {[e.global_position for e in got]} against "
+                            f"{[e.global_position for e in stored]})"
+                        )
                     self.fail(
                         "queries",
                         f"the {label} query saw {name} events {_events(got)}; the store "
-                        f"holds {_events(stored)}",
+                        f"holds {_events(stored)}{places}",
                     )
+
+    def _check_projection(self, again: bool) -> None:
+        """The projection saw positions in increasing order, and checkpointed the head."""
+        trace = self.trace
+        projected = trace.projected
+        if again:
+            projected = list(dict.fromkeys(projected))
+        if any(b <= a for a, b in itertools.pairwise(projected)):
+            self.fail(
+                "queries",
+                f"the projection was handed global positions out of order or twice: {projected}",
+            )
+        if trace.checkpoint is not None and not (trace.hung or trace.drain_hung):
+            checkpoint, head = trace.checkpoint
+            if checkpoint != head:
+                self.fail(
+                    "queries",
+                    f"after a clean stop the projection's checkpoint is {checkpoint}; the "
+                    f"store's head is {head}",
+                )
 
     # -- after the stop --
 
