@@ -508,3 +508,166 @@ def test_streams_on_a_terminal_shows_progress_then_the_table(bank_db: Path, tmp_
     assert "reading streams" in shown
     assert "yes (sequence 2)" in shown
     assert err.read_text() == ""
+
+
+# `projections`: checkpoints written by real projections run through open_eventsourcing.
+
+
+async def project(open_store: OpenStore, *names: str) -> None:
+    """Open account 'carol', run projections ``names`` up to it, then close (checkpointing)."""
+
+    async def ignore(batch: list[trio_es.EventEnvelope[Any]]) -> None:
+        pass
+
+    async with (
+        open_store() as store,
+        trio_es.open_eventsourcing(
+            eventstore=store,
+            handle=_bank.handle,
+            apply=_bank.apply,
+            empty_state=_bank.Account(),
+            projections=[trio_es.Projection(name, ignore) for name in names],
+        ) as es,
+    ):
+        result = await es.execute("carol", _bank.OpenAccount("Carol"))
+        for name in names:
+            await es.wait_for_projection(name, result.global_position)
+
+
+def savings_opener(path: Path) -> OpenStore:
+    """The same tables as :func:`sqlite_opener`, under aggregate type 'savings'."""
+    return lambda: SqliteStore.open(
+        path, transcoder=_bank.bank_transcoder(), aggregate_type="savings"
+    )
+
+
+@pytest.fixture(scope="module")
+def projected_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two aggregate types in one pair of tables, with projections a little behind or not.
+
+    'default': events 1-5, projections 'audit' and 'balances' at 5, then one more event
+    (head 6). 'savings': events 7-11, projection 'balances' at 11 (its head).
+    """
+    path = tmp_path_factory.mktemp("projections") / "bank.db"
+    trio.run(populate, sqlite_opener(path))
+    trio.run(project, sqlite_opener(path), "balances", "audit")
+    trio.run(add_deposit, sqlite_opener(path), "bob", 5)
+    trio.run(populate, savings_opener(path))
+    trio.run(project, savings_opener(path), "balances")
+    return path
+
+
+def test_projections_prints_checkpoint_head_and_lag_per_aggregate_type(projected_db: Path) -> None:
+    """projections: one row per projection, its lag measured against its own type's head."""
+    out = trio_es_cli("projections", str(projected_db)).stdout
+    header = next(line for line in out.splitlines() if "updated_at" in line)
+    assert header.split() == ["type", "name", "position", "head", "lag", "updated_at"]
+    rows = table_rows(out)
+    assert [row[:5] for row in rows] == [
+        ["default", "audit", "5", "6", "1"],
+        ["default", "balances", "5", "6", "1"],
+        ["savings", "balances", "11", "11", "0"],
+    ]
+    assert all(row[5].endswith("+00:00") for row in rows)
+
+
+def test_projections_json_and_type(projected_db: Path) -> None:
+    """projections --json: a list of objects; --type keeps that aggregate type's ones."""
+    projections = json.loads(trio_es_cli("projections", str(projected_db), "--json").stdout)
+    assert [
+        (p["aggregate_type"], p["name"], p["position"], p["head"], p["lag"]) for p in projections
+    ] == [
+        ("default", "audit", 5, 6, 1),
+        ("default", "balances", 5, 6, 1),
+        ("savings", "balances", 11, 11, 0),
+    ]
+    assert all(p["updated_at"].endswith("+00:00") for p in projections)
+    savings = json.loads(
+        trio_es_cli("projections", str(projected_db), "--type", "savings", "--json").stdout
+    )
+    assert [(p["name"], p["position"], p["head"]) for p in savings] == [("balances", 11, 11)]
+    out = trio_es_cli("projections", str(projected_db), "--type", "cheque").stdout
+    assert out == f"no projections of type 'cheque' in {projected_db}\n"
+
+
+def test_projections_of_a_store_without_any_is_an_empty_list(bank_db: Path) -> None:
+    """A store whose projections never ran: an empty list, status 0."""
+    assert json.loads(trio_es_cli("projections", str(bank_db), "--json").stdout) == []
+    assert trio_es_cli("projections", str(bank_db)).stdout == f"no projections in {bank_db}\n"
+
+
+def test_projections_of_an_older_store_without_the_checkpoints_table(
+    bank_db: Path, tmp_path: Path
+) -> None:
+    """A store written before projections existed has no checkpoints table: an empty list."""
+    path = tmp_path / "older.db"
+    path.write_bytes(bank_db.read_bytes())
+    with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE trio_es_checkpoints")
+    connection.close()
+    before = path.read_bytes()
+    assert json.loads(trio_es_cli("projections", str(path), "--json").stdout) == []
+    assert trio_es_cli("projections", str(path)).stdout == f"no projections in {path}\n"
+    assert path.read_bytes() == before
+
+
+def test_projections_of_a_named_events_table(tmp_path: Path) -> None:
+    """--events-table lists that table's projections only, however its name is cased."""
+    path = tmp_path / "two-stores.db"
+    trio.run(project, sqlite_opener(path), "balances")
+
+    def named() -> AbstractAsyncContextManager[Any]:
+        return SqliteStore.open(
+            path,
+            transcoder=_bank.bank_transcoder(),
+            events_table="Bank_Events",
+            snapshots_table="bank_snapshots",
+        )
+
+    trio.run(project, named, "ledger")
+    trio.run(add_deposit, named, "carol", 10)
+
+    def listed(*options: str) -> list[tuple[str, int, int]]:
+        out = trio_es_cli("projections", str(path), "--json", *options).stdout
+        return [(p["name"], p["position"], p["head"]) for p in json.loads(out)]
+
+    assert listed() == [("balances", 1, 1)]
+    assert listed("--events-table", "Bank_Events") == [("ledger", 1, 2)]
+
+
+def test_projections_of_a_missing_store_exits_3(tmp_path: Path) -> None:
+    """projections takes the other commands' errors: a missing file is status 3."""
+    result = trio_es_cli("projections", str(tmp_path / "missing.db"), expect=3)
+    assert result.stderr.startswith("trio-es: error: no such file: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.postgres
+def test_postgres_projections(bank_url: str, postgres_dsn: str) -> None:
+    """On PostgreSQL: the projections' checkpoints, the head and the lag, as on SQLite."""
+    trio.run(project, postgres_opener(postgres_dsn), "balances", "audit")
+    trio.run(add_deposit, postgres_opener(postgres_dsn), "bob", 5)
+    projections = json.loads(trio_es_cli("projections", bank_url, "--json").stdout)
+    assert [
+        (p["aggregate_type"], p["name"], p["position"], p["head"], p["lag"]) for p in projections
+    ] == [("default", "audit", 5, 6, 1), ("default", "balances", 5, 6, 1)]
+    assert all(p["updated_at"].endswith("+00:00") for p in projections)
+    rows = table_rows(trio_es_cli("projections", bank_url).stdout)
+    assert [row[:5] for row in rows] == [
+        ["default", "audit", "5", "6", "1"],
+        ["default", "balances", "5", "6", "1"],
+    ]
+
+
+@pytest.mark.postgres
+def test_postgres_projections_without_the_checkpoints_table(
+    bank_url: str, postgres_dsn: str
+) -> None:
+    """A PostgreSQL store from before projections (no checkpoints table): an empty list."""
+    assert json.loads(trio_es_cli("projections", bank_url, "--json").stdout) == []
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        connection.execute("DROP TABLE trio_es_checkpoints")
+    assert json.loads(trio_es_cli("projections", bank_url, "--json").stdout) == []
+    out = trio_es_cli("projections", bank_url).stdout
+    assert out.startswith("no projections in ")
+    assert "postgresql://" not in out

@@ -406,6 +406,26 @@ async def test_listener_and_lease_sessions_outlive_idle_session_timeout(
         await lease.advance(await lease.checkpoint(), 1)
 
 
+async def test_lease_session_gives_up_on_a_silent_client_within_seconds(postgres_dsn: str) -> None:
+    """The lease's session has short TCP keepalives, so a vanished machine's lease ends soon."""
+    settings: dict[str, str] = {}
+
+    def show(connection: Any, batch: list[Any]) -> None:
+        for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"):
+            settings[name] = connection.execute(f"SHOW {name}").fetchone()[0]
+        settings["tcp_user_timeout"] = connection.execute("SHOW tcp_user_timeout").fetchone()[0]
+
+    async with _open(postgres_dsn) as store, store.projection_lease("p") as lease:
+        await lease.advance_with(await lease.checkpoint(), 1, show, [])
+    # Over TCP (the test DSN's host is an address) these bound the server's wait to ~7 s.
+    assert settings == {
+        "tcp_keepalives_idle": "4",
+        "tcp_keepalives_interval": "1",
+        "tcp_keepalives_count": "3",
+        "tcp_user_timeout": "7000",
+    }
+
+
 # -- leases --
 
 

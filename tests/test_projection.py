@@ -161,6 +161,69 @@ async def test_subscribe_checks_its_arguments() -> None:
             pass
 
 
+class FaultyReads:
+    """A memory store whose read_all fails while ``failing`` is set, counting reads."""
+
+    def __init__(self, inner: MemoryStore[Any, Any]) -> None:
+        self.inner = inner
+        self.failing = False
+        self.reads = 0
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> Any:
+        self.reads += 1
+        if self.failing:
+            raise trio_es.EventStoreError("injected read failure")
+        return await self.inner.read_all(after_position, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_failed_read_reaches_the_subscriber_who_may_go_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A store error comes out of the iteration; iterating again goes on, missing nothing."""
+    inner: MemoryStore[Any, Any] = MemoryStore()
+    store = FaultyReads(inner)
+    async with system(inner) as es:
+        for i in range(4):
+            await es.execute("a", Append((str(i),)))
+        async with subscribe(store, batch_size=2) as subscription:
+            batches = [await subscription.__anext__()]
+            await trio.testing.wait_all_tasks_blocked()  # the next page is read ahead
+            store.failing = True
+            batches.append(await subscription.__anext__())  # read ahead before the failure
+            with pytest.raises(trio_es.EventStoreError, match="injected read failure"):
+                await subscription.__anext__()
+            store.failing = False
+            await es.execute("a", Append(("4",)))
+            batches.append(await subscription.__anext__())
+    positions = [e.global_position for batch in batches for e in batch]
+    assert positions == [1, 2, 3, 4, 5]
+
+
+async def test_the_subscription_reads_at_most_one_page_ahead(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """While the subscriber holds a batch, at most one more page is read."""
+    inner: MemoryStore[Any, Any] = MemoryStore()
+    store = FaultyReads(inner)
+    async with system(inner) as es:
+        for i in range(20):
+            await es.execute("a", Append((str(i),)))
+        async with subscribe(store, batch_size=2) as subscription:
+            await subscription.__anext__()
+            await trio.sleep(10)  # a subscriber busy with its batch
+            assert store.reads == 2
+
+
+async def test_an_error_in_the_subscribers_block_comes_out_as_itself() -> None:
+    """The subscription's reader task never turns the block's error into a group."""
+    with pytest.raises(KeyError, match="mine"):
+        async with subscribe(MemoryStore()):
+            raise KeyError("mine")
+
+
 async def test_a_slow_subscriber_does_not_slow_commands(autojump_clock: trio.abc.Clock) -> None:
     """Commands complete while a subscriber is stuck in its loop body."""
     store: MemoryStore[Any, Any] = MemoryStore()
@@ -310,6 +373,37 @@ async def test_rebuild_resets_and_replays_with_progress(autojump_clock: trio.abc
         later = await es.execute("a0", Append(("late",)))
         await es.wait_for_projection("log", later.global_position)
     assert recorder.positions() == list(range(1, 12))
+
+
+async def test_rebuild_of_a_failed_projection_raises_projection_failed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A projection stopped by a poison batch is not rebuilt in place: ProjectionFailed."""
+
+    async def poisoned(batch: list[Any]) -> None:
+        raise ValueError("always")
+
+    options = RuntimeOptions(projection_retries=1, projection_backoff=0.1)
+    async with system(MemoryStore(), Projection("bad", poisoned), options=options) as es:
+        result = await es.execute("a", Append(("x",)))
+        with pytest.raises(ProjectionFailed):
+            await es.wait_for_projection("bad", result.global_position)
+        with pytest.raises(ProjectionFailed, match="failed 2 times"):
+            await es.rebuild_projection("bad")
+
+
+async def test_one_batch_already_gives_a_rate(autojump_clock: trio.abc.Clock) -> None:
+    """events_per_second counts from when the projection became active."""
+
+    async def slow(batch: list[Any]) -> None:
+        await trio.sleep(1)
+
+    async with system(MemoryStore(), Projection("p", slow, batch_size=10)) as es:
+        for i in range(4):
+            await es.execute("a", Append((str(i),)))
+        await es.wait_for_projection("p", 1)
+        stats = (await es.projection_stats())["p"]
+    assert stats.events_per_second > 0
 
 
 async def test_projection_stats_report_lag_and_rate(autojump_clock: trio.abc.Clock) -> None:

@@ -176,6 +176,16 @@ def _add_inspector_commands(commands: Any) -> None:
         help="seconds between polls (default: %(default)s)",
     )
     commands.add_parser("stats", parents=[store], help="print totals over the store")
+    projections = commands.add_parser(
+        "projections",
+        parents=[store],
+        help="list the projections: checkpoint, head, lag and last checkpoint write",
+    )
+    projections.add_argument(
+        "--type",
+        dest="aggregate_type",
+        help="only the projections of this aggregate type (default: of every type)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -252,6 +262,8 @@ async def _run_inspector(args: argparse.Namespace, out: Console) -> None:
             await _tail(inspector, args, out)
         elif args.command == "stats":
             await _stats(inspector, args, out)
+        elif args.command == "projections":
+            await _projections(inspector, args, out)
 
 
 def _print_json(value: object) -> None:
@@ -389,11 +401,10 @@ _TAIL_PAGE: Final = 1_000
 
 
 async def _tail(inspector: Inspector, args: argparse.Namespace, out: Console) -> None:
-    # trio-util ships no type information; periodic yields (elapsed, delta) pairs.
-    from trio_util import periodic  # type: ignore[import-untyped]
+    from ._trio_util import periodic
 
     position = await inspector.last_position()
-    async for _ in periodic(args.interval):
+    async for _ in periodic(args.interval):  # ends only with the process (Ctrl-C)
         while True:
             events = await inspector.events_after(position, limit=_TAIL_PAGE)
             for e in events:
@@ -436,3 +447,35 @@ async def _stats(inspector: Inspector, args: argparse.Namespace, out: Console) -
         for name, count in stats.event_types:
             types.add_row(Text(name), Text(str(count)))
         out.print(types)
+
+
+async def _projections(inspector: Inspector, args: argparse.Namespace, out: Console) -> None:
+    from ._inspect import _redacted, is_postgres_url
+
+    projections = await inspector.projections(args.aggregate_type)
+    if args.json:
+        _print_json([attrs.asdict(projection) for projection in projections])
+        return
+    if not projections:
+        # Printed on stdout, which may be kept in a log: no password from the URL.
+        where = _redacted(args.store) if is_postgres_url(args.store) else args.store
+        of_type = "" if args.aggregate_type is None else f" of type {args.aggregate_type!r}"
+        out.print(Text(f"no projections{of_type} in {where}"))
+        return
+    table = _table(
+        "type",
+        "name",
+        "position",
+        "head",
+        "lag",
+        "updated_at",
+        right=("position", "head", "lag"),
+    )
+    for p in projections:
+        table.add_row(
+            *map(
+                Text,
+                (p.aggregate_type, p.name, str(p.position), str(p.head), str(p.lag), p.updated_at),
+            )
+        )
+    out.print(table)

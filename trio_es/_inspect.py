@@ -1,11 +1,11 @@
 """Read-only queries of a store's raw tables, for the ``trio-es`` inspector commands.
 
-The inspector reads the tables :mod:`trio_es._sql` documents (``events``, ``snapshots``
-and ``trio_es_schema_version``) with plain SQL, never through a store: it must work
-without the application's event classes, so payloads and metadata come back as the
-JSON that was stored, undecoded. It never writes: SQLite files are opened with
-``mode=ro`` (so a wrong path is reported, not created as an empty database), and
-PostgreSQL sessions are set to ``default_transaction_read_only``.
+The inspector reads the tables :mod:`trio_es._sql` documents (``events``, ``snapshots``,
+``trio_es_schema_version`` and ``trio_es_checkpoints``) with plain SQL, never through a
+store: it must work without the application's event classes, so payloads and metadata
+come back as the JSON that was stored, undecoded. It never writes: SQLite files are
+opened with ``mode=ro`` (so a wrong path is reported, not created as an empty database),
+and PostgreSQL sessions are set to ``default_transaction_read_only``.
 
 Blocking driver calls run in Trio worker threads that are abandoned on cancellation:
 an inspector holds no transaction open and writes nothing, so Ctrl-C need not wait for
@@ -25,13 +25,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, Protocol, final
+from typing import Any, Final, Protocol, TypeVar, final
 
 import attrs
 import trio
 
 from ._errors import EventStoreError
 from ._sql import (
+    CHECKPOINT_TABLE,
     SCHEMA_VERSION_TABLE,
     check_identifier,
     check_version_to_open,
@@ -48,6 +49,7 @@ __all__ = [
     "EventRow",
     "InspectError",
     "Inspector",
+    "ProjectionRow",
     "StoreStats",
     "StreamRow",
     "is_postgres_url",
@@ -66,6 +68,8 @@ EXIT_NOT_A_STORE: Final = 4
 EXIT_UNREACHABLE: Final = 5
 #: ``events``: no aggregate with that id is stored.
 EXIT_UNKNOWN_AGGREGATE: Final = 6
+
+T = TypeVar("T")
 
 # Pages keep every query short and let ``streams`` report progress on big stores.
 _PAGE_SIZE: Final = 1_000
@@ -150,6 +154,23 @@ class EventRow:
 
 @final
 @attrs.frozen
+class ProjectionRow:
+    """One projection's stored checkpoint, against the head of its aggregate type."""
+
+    aggregate_type: str
+    name: str
+    #: The checkpoint: the ``global_position`` of the last event the projection processed.
+    position: int
+    #: The highest ``global_position`` of the aggregate type, 0 when it has no events.
+    head: int
+    #: ``head - position`` (never below 0, as in ``projection_stats``): 0 when caught up.
+    lag: int
+    #: When the checkpoint was last written, ISO 8601 in UTC.
+    updated_at: str
+
+
+@final
+@attrs.frozen
 class StoreStats:
     """Totals over a store's tables."""
 
@@ -169,6 +190,8 @@ class _Database(Protocol):
     placeholder: str
 
     def json_text(self, column: str) -> str: ...
+
+    def has_table(self, name: str) -> bool: ...
 
     def query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]: ...
 
@@ -209,6 +232,15 @@ class _Sqlite:
 
     def json_text(self, column: str) -> str:
         return column
+
+    def has_table(self, name: str) -> bool:
+        # SQLite compares table names case-insensitively, so the lookup does too.
+        return bool(
+            self.query(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND lower(name) = lower(?)",
+                (name,),
+            )
+        )
 
     def query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         try:
@@ -255,6 +287,12 @@ class _Postgres:
 
     def json_text(self, column: str) -> str:
         return f"{column}::text"
+
+    def has_table(self, name: str) -> bool:
+        # to_regclass resolves the name through search_path, as the store's unqualified
+        # statements do, and gives NULL instead of an error when there is no such table.
+        rows = self.query("SELECT to_regclass(%s) IS NOT NULL", (name,))
+        return bool(rows[0][0])
 
     def query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         import psycopg
@@ -334,12 +372,15 @@ class Inspector:
                 finally:
                     inspector._lock.release()
 
-    async def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        def run() -> list[tuple[Any, ...]]:
+    async def _call(self, fn: Callable[[_Database], T]) -> T:
+        def run() -> T:
             with self._lock:
-                return self._db.query(sql, params)
+                return fn(self._db)
 
         return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    async def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return await self._call(lambda db: db.query(sql, params))
 
     async def _read_schema_version(self, store: str, recorded_snapshots: bool) -> int:
         p = self._db.placeholder
@@ -518,3 +559,52 @@ class Inspector:
             first_recorded_at=None if first is None else _timestamp(first),
             last_recorded_at=None if last is None else _timestamp(last),
         )
+
+    async def projections(self, aggregate_type: str | None = None) -> list[ProjectionRow]:
+        """The projections of this events table, ordered by aggregate type and name.
+
+        Each is read from its checkpoint row, and compared with the head of its own
+        aggregate type (projections follow one type, see :mod:`trio_es._sql`).
+
+        Args:
+            aggregate_type: only the projections of this type; ``None``: of every type.
+
+        Returns:
+            An empty list also for a store written before projections existed, which has
+            no checkpoints table (the stores create it when they open).
+        """
+        if not await self._call(lambda db: db.has_table(CHECKPOINT_TABLE)):
+            return []
+        p = self._db.placeholder
+        # The stores key checkpoint rows by the lower-cased events table name.
+        params: list[object] = [self._events.lower()]
+        of_type = ""
+        if aggregate_type is not None:
+            of_type = f" AND c.aggregate_type = {p}"
+            params.append(aggregate_type)
+        # ORDER BY ... LIMIT 1 reads one entry of the (type, position) index per row.
+        rows = await self._query(
+            "SELECT c.aggregate_type, c.name, c.position, c.updated_at, "
+            f"(SELECT e.global_position FROM {self._events} AS e "
+            "WHERE e.aggregate_type = c.aggregate_type "
+            "ORDER BY e.global_position DESC LIMIT 1) "
+            f"FROM {CHECKPOINT_TABLE} AS c WHERE c.events_table = {p}{of_type}",
+            params,
+        )
+        result = []
+        for kind, name, stored_position, updated_at, stored_head in rows:
+            position = int(stored_position)
+            head = 0 if stored_head is None else int(stored_head)
+            result.append(
+                ProjectionRow(
+                    aggregate_type=kind,
+                    name=name,
+                    position=position,
+                    head=head,
+                    lag=max(head - position, 0),
+                    updated_at=_timestamp(updated_at),
+                )
+            )
+        # Sorted here, not in SQL: PostgreSQL's collation would order names differently
+        # from SQLite's, and the command should print the same list from both.
+        return sorted(result, key=lambda row: (row.aggregate_type, row.name))

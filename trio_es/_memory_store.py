@@ -264,9 +264,52 @@ def _check_poll(_: object, __: object, value: object) -> None:
     check_seconds("poll_interval", value, hint="1.0 suits most uses")
 
 
+class _FeedsProjections(Generic[EventT, EntityT]):
+    """What both memory stores offer subscriptions and projections, from their shared data."""
+
+    poll_interval: float
+    _log: _Log[EventT, EntityT]
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = 1000
+    ) -> list[StoredEvent[EventT]]:
+        """Up to ``limit`` committed events after ``after_position``, in commit order.
+
+        Positions start at 1 and have no gaps: a rolled-back transaction takes none.
+        """
+        return await self._log.read_all(after_position, limit)
+
+    async def head_position(self) -> int:
+        """The global position of the last committed event (0 with none)."""
+        await trio.lowlevel.checkpoint()
+        return len(self._log.log)
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[HeadWatch]:
+        """Wake-ups for one subscriber: at once on each commit, else every poll interval."""
+        yield HeadWatch(self._log.head, self.poll_interval)
+
+    async def checkpoint_position(self, name: str) -> int:
+        """Projection ``name``'s checkpoint (0 when it never ran), read without its lease."""
+        return await self._log.checkpoint_position(name)
+
+    def projection_lease(self, name: str) -> AbstractAsyncContextManager[_MemoryLease]:
+        """Wait until no other lease of projection ``name`` on this store object is held.
+
+        Leases and checkpoints live in this store object: another store object (or
+        process) knows nothing of them. ``advance_with`` and ``reset(fn)`` raise
+        ``TypeError``: there is no database transaction to run ``fn`` in.
+
+        Raises:
+            TypeError: ``name`` is not a str.
+            ValueError: ``name`` is empty.
+        """
+        return self._log.lease(name)
+
+
 @final
 @attrs.define(eq=False)
-class MemoryStore(Generic[EventT, EntityT]):
+class MemoryStore(_FeedsProjections[EventT, EntityT]):
     """An in-memory event store that needs no tasks.
 
     Transactions buffer their writes and apply them atomically on commit: a transaction
@@ -323,42 +366,6 @@ class MemoryStore(Generic[EventT, EntityT]):
         self, tx: MemoryTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
     ) -> None:
         tx.snapshots[snapshot.aggregate_id] = snapshot
-
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000
-    ) -> list[StoredEvent[EventT]]:
-        """Up to ``limit`` committed events after ``after_position``, in commit order.
-
-        Positions start at 1 and have no gaps: a rolled-back transaction takes none.
-        """
-        return await self._log.read_all(after_position, limit)
-
-    async def head_position(self) -> int:
-        """The global position of the last committed event (0 with none)."""
-        await trio.lowlevel.checkpoint()
-        return len(self._log.log)
-
-    @asynccontextmanager
-    async def watch(self) -> AsyncIterator[HeadWatch]:
-        """Wake-ups for one subscriber: at once on each commit, else every poll interval."""
-        yield HeadWatch(self._log.head, self.poll_interval)
-
-    async def checkpoint_position(self, name: str) -> int:
-        """Projection ``name``'s checkpoint (0 when it never ran), read without its lease."""
-        return await self._log.checkpoint_position(name)
-
-    def projection_lease(self, name: str) -> AbstractAsyncContextManager[_MemoryLease]:
-        """Wait until no other lease of projection ``name`` on this store object is held.
-
-        Leases and checkpoints live in this store object: another store object (or
-        process) knows nothing of them. ``advance_with`` and ``reset(fn)`` raise
-        ``TypeError``: there is no database transaction to run ``fn`` in.
-
-        Raises:
-            TypeError: ``name`` is not a str.
-            ValueError: ``name`` is empty.
-        """
-        return self._log.lease(name)
 
 
 # The supervised variant, as in the Gleam package: an events actor and a snapshot actor under a
@@ -418,7 +425,7 @@ async def _serve(
 
 @final
 @attrs.define(eq=False)
-class SupervisedMemoryStore(Generic[EventT, EntityT]):
+class SupervisedMemoryStore(_FeedsProjections[EventT, EntityT]):
     """A memory store whose reads and commits are messages to two supervised actors.
 
     Every call waits at most ``call_timeout`` for the actor's reply, then raises
@@ -490,30 +497,6 @@ class SupervisedMemoryStore(Generic[EventT, EntityT]):
         self, tx: MemoryTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
     ) -> None:
         tx.snapshots[snapshot.aggregate_id] = snapshot
-
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000
-    ) -> list[StoredEvent[EventT]]:
-        """As :meth:`MemoryStore.read_all`."""
-        return await self._log.read_all(after_position, limit)
-
-    async def head_position(self) -> int:
-        """The global position of the last committed event (0 with none)."""
-        await trio.lowlevel.checkpoint()
-        return len(self._log.log)
-
-    @asynccontextmanager
-    async def watch(self) -> AsyncIterator[HeadWatch]:
-        """As :meth:`MemoryStore.watch`."""
-        yield HeadWatch(self._log.head, self.poll_interval)
-
-    async def checkpoint_position(self, name: str) -> int:
-        """As :meth:`MemoryStore.checkpoint_position`."""
-        return await self._log.checkpoint_position(name)
-
-    def projection_lease(self, name: str) -> AbstractAsyncContextManager[_MemoryLease]:
-        """As :meth:`MemoryStore.projection_lease`."""
-        return self._log.lease(name)
 
 
 def supervised(

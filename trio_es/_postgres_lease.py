@@ -43,6 +43,7 @@ from ._postgres_connection import (
 from ._sql import Statements
 from ._types import EventEnvelope, utc_now
 from ._validated import check_int
+from ._watch import FnFailed
 from ._watch import check_projection_name as check_name
 
 __all__ = [
@@ -95,14 +96,6 @@ def lease_key(events_table_key: str, aggregate_type: str, name: str) -> int:
     text = "\x00".join(("trio_es projection", events_table_key, aggregate_type, name))
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-class _HandlerFailed(Exception):
-    """Internal: the projection's own ``fn`` raised ``error`` (re-raised as itself)."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 @final
@@ -236,7 +229,7 @@ class PostgresLease:
         error: Exception | None = None
         try:
             await self._call(fn, doing)
-        except _HandlerFailed as failed:
+        except FnFailed as failed:
             error = failed.error
             self._note_lost("the connection broke while the projection's function ran")
         if error is not None:
@@ -286,7 +279,7 @@ def _run_handler(fn: Callable[..., None], *args: Any) -> None:
     try:
         fn(*args)
     except Exception as error:
-        raise _HandlerFailed(error) from error
+        raise FnFailed(error) from error
 
 
 async def _close(conn: PooledConnection) -> None:

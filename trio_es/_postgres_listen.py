@@ -48,7 +48,7 @@ from ._postgres_connection import (
     first_line,
     keep_session_open,
 )
-from ._trio_util import AsyncValue, async_value
+from ._trio_util import AsyncValue, async_value, background
 from ._validated import check_int
 
 __all__ = ["LISTEN_APPLICATION_NAME", "PostgresWatch", "open_watch"]
@@ -217,31 +217,8 @@ async def open_watch(
     right now), so a subscriber that reads after entering misses no announcement.
     """
     watch = PostgresWatch(head, poll_interval)
-    error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(watch._listen, conninfo, channel)
-            nursery.start_soon(watch._follow_head)
-            try:
-                yield watch
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The background tasks never raise: whatever is in the group came from the
-        # subscriber's block (or cancelled it), and goes on as itself.
-        error = _lone(group)
-    if error is not None:
-        raise error
-
-
-def _lone(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The group's one exception, or the group itself when it holds several."""
-    leaves = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+    # The background tasks never raise: an error comes from the subscriber's block.
+    async with background() as nursery:
+        await nursery.start(watch._listen, conninfo, channel)
+        nursery.start_soon(watch._follow_head)
+        yield watch

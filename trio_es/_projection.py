@@ -28,6 +28,7 @@ checkpoint at *p* means every event up to *p* was processed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import random
@@ -40,7 +41,7 @@ import trio
 from ._errors import CheckpointMoved, ProjectionFailed, describe_error
 from ._store import Lease, ProjectionSource
 from ._subscription import subscribe
-from ._trio_util import AsyncValue, async_value
+from ._trio_util import AsyncValue, async_value, periodic
 from ._types import EventEnvelope, ProjectionStats
 from ._validated import check_int
 
@@ -262,16 +263,19 @@ class ProjectionRunner(Generic[EventT]):
         while True:
             # No timer while active: an idle system should have nothing to wake for.
             await self._active.wait_value(lambda active: not active)
-            await trio.sleep(_FOLLOW_INTERVAL)
-            if self.active:
-                continue
-            try:
-                position = await self.store.checkpoint_position(self.name)
-            except Exception as error:  # a standby's read: the next one may work
-                logger.debug("projection %r: cannot read its checkpoint: %r", self.name, error)
-                continue
-            if not self.active:
-                self._set(position=position)
+            async with contextlib.aclosing(periodic(_FOLLOW_INTERVAL)) as ticks:
+                async for _ in ticks:
+                    if self.active:
+                        break
+                    try:
+                        position = await self.store.checkpoint_position(self.name)
+                    except Exception as error:  # a standby's read: the next one may work
+                        logger.debug(
+                            "projection %r: cannot read its checkpoint: %r", self.name, error
+                        )
+                        continue
+                    if not self.active:
+                        self._set(position=position)
 
     async def _serve(self) -> None:
         failures, failed_at, backoff = 0, -1, _FIRST_BACKOFF
@@ -340,6 +344,8 @@ class ProjectionRunner(Generic[EventT]):
             self._set(position=position)
             try:
                 with trio.CancelScope() as self._scope:
+                    if self._rebuilds:  # asked for after the check above: serve it first
+                        self._scope.cancel()
                     async with subscribe(
                         self.store, after=position, batch_size=projection.batch_size
                     ) as batches:

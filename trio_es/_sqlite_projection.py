@@ -48,7 +48,7 @@ from ._sqlite_connection import (
 )
 from ._types import EventEnvelope, utc_now
 from ._validated import check_int
-from ._watch import check_projection_name
+from ._watch import FnFailed, check_projection_name
 
 __all__ = ["LeaseSettings", "SqliteLease", "lock_path", "open_lease"]
 
@@ -77,18 +77,6 @@ class LeaseSettings:
     synchronous: str
     busy_timeout_ms: int
     takeover_interval: float
-
-
-class _FnFailed(Exception):
-    """Carries the exception of a projection's ``fn`` out of the worker thread, untouched.
-
-    Without it a ``sqlite3.Error`` that ``fn`` raised would be translated like the
-    store's own; the caller gets the original back.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 @final
@@ -173,7 +161,7 @@ class SqliteLease:
             if interrupt.requested:
                 # Its statement was interrupted because the caller was cancelled.
                 raise Interrupted from error
-            raise _FnFailed(error) from None
+            raise FnFailed(error) from None
         if not connection.in_transaction:
             raise EventStoreError(
                 f"the handler of projection {self.name!r} committed or rolled back the "
@@ -187,7 +175,7 @@ class SqliteLease:
         failure: Exception | None = None
         try:
             await self._run(fn, doing)
-        except _FnFailed as failed:
+        except FnFailed as failed:
             failure = failed.error
         if failure is not None:
             # Raised here, outside the except block, so that its context stays its own.

@@ -1,26 +1,33 @@
 """Catch-up subscriptions: a store's events in commit order, the backlog first, then live.
 
-A subscription pulls: it reads the store after the last position it delivered, pages of
-at most ``batch_size`` events, and when it has read everything it waits for the store to
-announce a commit (or for its poll interval) and reads again. So:
+A subscription pulls: a reader task reads the store after the last position it read,
+pages of at most ``batch_size`` events, and when it has read everything it waits for the
+store to announce a commit (or for its poll interval) and reads again. It reads one page
+ahead: the next page is read while the subscriber handles the current one. So:
 
 * there is no gap and no duplicate at the switch from backlog to live, or anywhere: every
-  read starts right after the last event delivered, and the stores make positions visible
-  in commit order (a reader never later finds an event at a position it already passed);
-* memory is bounded by one page, however far behind the subscriber is;
-* a slow subscriber slows only itself: nothing is pushed to it, so no command ever waits
-  for a subscriber.
+  read starts right after the last event read, and the stores make positions visible in
+  commit order (a reader never later finds an event at a position it already passed);
+* memory is bounded by two pages (the subscriber's, and the one read ahead), however far
+  behind the subscriber is;
+* a slow subscriber slows only itself: the reader waits for it, nothing is pushed, so no
+  command ever waits for a subscriber.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+import operator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Generic, TypeAlias, TypeVar, final
 
 import attrs
+import outcome
+import trio
 
 from ._store import ProjectionSource, Watch
+from ._trio_util import AsyncValue, async_value, background
 from ._types import EventEnvelope, StoredEvent
 from ._validated import check_int
 
@@ -53,6 +60,40 @@ def _envelope(stored: StoredEvent[EventT]) -> EventEnvelope[EventT]:
     return envelope
 
 
+#: What the reader hands the subscriber: a page, or the error reading it raised.
+_Page: TypeAlias = outcome.Outcome[Sequence[StoredEvent[Any]]]
+
+
+async def _read_ahead(
+    store: ProjectionSource[Any],
+    watch: Watch,
+    position: int,
+    batch_size: int,
+    pages: trio.MemorySendChannel[_Page],
+    asks: AsyncValue[int],
+) -> None:
+    """Read pages after ``position`` into ``pages``, waiting for commits when caught up.
+
+    Never raises: a failed read is handed to the subscriber, and tried again only once
+    the subscriber asks for another batch (``asks`` counts its asks), so a failing store
+    is not read in a loop, and the subscriber gets one error per ask.
+    """
+    while True:
+        try:
+            stored = await store.read_all(position, batch_size)
+            if not stored:
+                await watch.wait(position)
+                continue
+        except Exception as error:
+            await pages.send(outcome.Error(error))
+            # Until the count of asks exceeds this one's: the subscriber asks again.
+            await asks.wait_value(functools.partial(operator.lt, asks.value))
+            continue
+        # Waits until the subscriber asks for it: one page ahead at most.
+        await pages.send(outcome.Value(stored))
+        position = stored[-1].global_position
+
+
 @final
 @attrs.define(eq=False)
 class Subscription(Generic[EventT]):
@@ -67,8 +108,8 @@ class Subscription(Generic[EventT]):
         batch_size: the most events one batch holds.
     """
 
-    _store: ProjectionSource[EventT]
-    _watch: Watch
+    _pages: trio.MemoryReceiveChannel[_Page]
+    _asks: AsyncValue[int]
     position: int
     batch_size: int
 
@@ -82,13 +123,12 @@ class Subscription(Generic[EventT]):
             EventStoreError: the store failed; the subscription may be iterated again
                 and goes on from :attr:`position`.
         """
-        while True:
-            stored = await self._store.read_all(self.position, self.batch_size)
-            if stored:
-                batch = [_envelope(event) for event in stored]
-                self.position = stored[-1].global_position
-                return batch
-            await self._watch.wait(self.position)
+        self._asks.value += 1
+        page = await self._pages.receive()
+        stored = page.unwrap()
+        batch = [_envelope(event) for event in stored]
+        self.position = stored[-1].global_position
+        return batch
 
 
 @asynccontextmanager
@@ -121,5 +161,9 @@ async def subscribe(
     source = check_source(store)
     after = check_int("after", after, minimum=0, hint="pass 0 to start from the beginning")
     batch_size = check_int("batch_size", batch_size, minimum=1, hint="500 suits most uses")
-    async with source.watch() as watch:
-        yield Subscription(source, watch, after, batch_size)
+    send, receive = trio.open_memory_channel[_Page](0)
+    asks = async_value(0)
+    # The reader is stopped (the background block exits) before its channel closes.
+    async with source.watch() as watch, send, receive, background() as nursery:
+        nursery.start_soon(_read_ahead, source, watch, after, batch_size, send, asks)
+        yield Subscription(receive, asks, after, batch_size)

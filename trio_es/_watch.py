@@ -17,7 +17,7 @@ import trio
 from ._trio_util import AsyncValue
 from ._validated import check_int
 
-__all__ = ["HeadWatch", "check_projection_name", "raise_head"]
+__all__ = ["FnFailed", "HeadWatch", "check_projection_name", "raise_head"]
 
 
 def raise_head(head: AsyncValue[int], position: int) -> None:
@@ -70,3 +70,16 @@ def check_projection_name(name: object) -> str:
     if not name:
         raise ValueError("a projection name must be a non-empty str (got ''); e.g. 'balances'")
     return name
+
+
+class FnFailed(Exception):
+    """Carries the exception of a projection's ``fn`` out of a lease's worker thread.
+
+    A lease translates its driver's errors into trio_es errors; wrapped in this, an
+    error that ``fn`` raised (a driver error included) gets past that untouched, and the
+    lease re-raises ``error`` itself.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
