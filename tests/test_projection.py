@@ -348,6 +348,25 @@ async def test_a_poison_batch_stops_only_that_projection(
     )
 
 
+async def test_store_failures_never_stop_a_projection(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads that fail more often than projection_retries are retried until they work."""
+    inner: MemoryStore[Any, Any] = MemoryStore()
+    store = FaultyReads(inner)
+    store.failing = True
+    recorder = Recorder()
+    options = RuntimeOptions(projection_retries=1, projection_backoff=0.2)
+    async with system(store, Projection("log", recorder), options=options) as es:
+        result = await es.execute("a", Append(("x", "y")))
+        await trio.sleep(5)  # many failed reads, far more than projection_retries
+        assert (await es.projection_stats())["log"].status == "running"
+        store.failing = False
+        await es.wait_for_projection("log", result.global_position)
+    assert recorder.items() == [("a", "x"), ("a", "y")]
+    assert sum("the store failed" in r.getMessage() for r in caplog.records) > 2
+
+
 async def test_rebuild_resets_and_replays_with_progress(autojump_clock: trio.abc.Clock) -> None:
     """rebuild_projection runs reset, replays every event and reports progress to the head."""
     store: MemoryStore[Any, Any] = MemoryStore()

@@ -278,6 +278,8 @@ class ProjectionRunner(Generic[EventT]):
                         self._set(position=position)
 
     async def _serve(self) -> None:
+        # The handler's failures on one batch in a row (the poison count), the position
+        # they happened at, and the next back-off; progress resets all three.
         failures, failed_at, backoff = 0, -1, _FIRST_BACKOFF
         while True:
             try:
@@ -294,31 +296,32 @@ class ProjectionRunner(Generic[EventT]):
                 # A rebuild elsewhere reset the checkpoint: start again from it.
                 logger.info("projection %r: %s", self.name, moved.message)
                 continue
-            except _HandlerFailed as failed:
+            except Exception as error:
                 position = self.progress.value.position
                 if position != failed_at:
                     failures, failed_at, backoff = 0, position, _FIRST_BACKOFF
-                failures += 1
-                if failures > self.retries:
-                    self._stop(failed.error)
-                    return
-                logger.warning(
-                    "projection %r failed after position %d (attempt %d of %d), restarting "
-                    "from its checkpoint: %s",
-                    self.name,
-                    position,
-                    failures,
-                    self.retries + 1,
-                    describe_error(failed.error),
-                )
-            except Exception as error:
-                # The store failed (connection lost, database restarting): not the batch's
-                # fault, so retried for as long as it lasts.
-                logger.warning(
-                    "projection %r: the store failed, retrying: %s",
-                    self.name,
-                    describe_error(error),
-                )
+                if isinstance(error, _HandlerFailed):
+                    failures += 1
+                    if failures > self.retries:
+                        self._stop(error.error)
+                        return
+                    logger.warning(
+                        "projection %r failed after position %d (attempt %d of %d), "
+                        "restarting from its checkpoint: %s",
+                        self.name,
+                        position,
+                        failures,
+                        self.retries + 1,
+                        describe_error(error.error),
+                    )
+                else:
+                    # The store failed (connection lost, database restarting): not the
+                    # batch's fault, so retried for as long as it lasts.
+                    logger.warning(
+                        "projection %r: the store failed, retrying: %s",
+                        self.name,
+                        describe_error(error),
+                    )
             await trio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, self.max_backoff)
 

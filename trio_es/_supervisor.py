@@ -43,6 +43,7 @@ import trio
 
 from ._errors import EventSourcingError
 from ._subject import Name
+from ._trio_util import lone
 from ._validated import check_int, check_seconds
 
 __all__ = [
@@ -261,26 +262,8 @@ def _gave_up(
     return error
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception a supervisor's nursery really raised, else the group itself.
-
-    The nursery wraps everything in a group (strict exception groups). A lone failure is
-    re-raised as itself, so that a parent supervisor sees e.g. ``KeyboardInterrupt`` rather
-    than a group. A ``Cancelled`` next to another exception is redundant: the other
-    exception unwinds the cancelled scope anyway. Anything else keeps its group.
-    """
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1:
-        return leaves[0]
-    real = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
-    return real[0] if len(real) == 1 else group
+#: The one exception a supervisor's nursery really raised (see ``_trio_util.lone``).
+_unwrap: Final = lone
 
 
 async def _run_nursery(body: Callable[[trio.Nursery], Awaitable[None]]) -> None:

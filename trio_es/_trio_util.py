@@ -72,7 +72,13 @@ async def background() -> AsyncIterator[trio.Nursery]:
 
 
 def lone(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The group's one exception (however nested), or the group itself when it holds several."""
+    """The one exception a nursery really raised (however nested), else the group itself.
+
+    Nurseries wrap everything in a group (strict exception groups). A lone exception is
+    re-raised as itself, so that a caller sees e.g. ``KeyboardInterrupt`` rather than a
+    group. A ``Cancelled`` next to another exception is redundant: the other exception
+    unwinds the cancelled scope anyway. Anything else keeps its group.
+    """
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
@@ -81,4 +87,7 @@ def lone(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending.extend(exc.exceptions)
         else:
             leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+    if len(leaves) == 1:
+        return leaves[0]
+    real = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+    return real[0] if len(real) == 1 else group
