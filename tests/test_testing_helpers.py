@@ -17,6 +17,8 @@ from trio_es import Aggregate, DomainError, EventEnvelope, EventSourcing, open_e
 from trio_es.memory_store import MemoryStore
 from trio_es.testing import Scenario, SystemUnderTest, open_test_system
 
+from . import _counter
+
 
 @attrs.frozen
 class Inc:
@@ -346,3 +348,21 @@ def test_helpers_name_their_public_module() -> None:
     assert repr(Scenario) == "<class 'trio_es.testing.Scenario'>"
     assert open_test_system.__module__ == "trio_es.testing"
     assert SystemUnderTest.__module__ == "trio_es.testing"
+
+
+async def test_open_test_system_runs_projections() -> None:
+    """open_test_system takes projections; wait_for_projection then reads your own write."""
+    seen: list[int] = []
+
+    async def record(batch: list[Any]) -> None:
+        seen.extend(envelope.global_position for envelope in batch)
+
+    async with open_test_system(
+        handle=_counter.handle,
+        apply=_counter.apply,
+        empty_state=(),
+        projections=[trio_es.Projection("seen", record)],
+    ) as system:
+        result = await system.es.execute("a", _counter.Append(("x", "y")))
+        await system.es.wait_for_projection("seen", result.global_position)
+    assert seen == [1, 2]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Generic, TypeVar, final
+from typing import Any, Generic, TypeVar, final
 
 import attrs
 
 from .._facade import EventSourcing, open_eventsourcing
 from .._memory_store import MemoryStore
+from .._projection import Projection
 from .._runtime import Query, RuntimeOptions
 from .._types import SnapshotConfig
 from .._validated import Timeout
@@ -52,11 +53,12 @@ def open_test_system(
     options: RuntimeOptions | None = None,
     call_timeout: Timeout | int | None = 30_000,
     store: MemoryStore[EventT, EntityT] | None = None,
+    projections: Sequence[Projection[Any]] = (),
 ) -> AbstractAsyncContextManager[SystemUnderTest[CommandT, EventT, EntityT]]:
     """Run ``handle`` and ``apply`` as a real system on a memory store, in an ``async with``.
 
     The system is the one :func:`trio_es.open_eventsourcing` runs (supervised aggregates,
-    batching, queries, snapshots), on a new :class:`~trio_es.memory_store.MemoryStore`
+    batching, queries, snapshots, projections), on a new :class:`~trio_es.memory_store.MemoryStore`
     unless ``store`` is given; it stops when the block exits. Needs a running Trio loop
     (``trio.run``, or an async test under pytest-trio) and nothing else: no fixture,
     no database.
@@ -71,6 +73,9 @@ def open_test_system(
         call_timeout: as for ``open_eventsourcing`` (milliseconds; ``None``: no limit).
         store: a memory store to use, e.g. one shared with a second system in the same
             test; ``None``: a new, empty one.
+        projections: as for ``open_eventsourcing`` (``transactional=False`` ones: the
+            memory store keeps their checkpoints); ``es.wait_for_projection`` then reads
+            your own writes.
     """
     used: MemoryStore[EventT, EntityT] = MemoryStore() if store is None else store
     system = open_eventsourcing(
@@ -82,6 +87,7 @@ def open_test_system(
         snapshot_config=snapshot_config,
         options=options,
         call_timeout=call_timeout,
+        projections=projections,
     )
     return _with_store(system, used)
 
