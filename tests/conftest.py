@@ -14,6 +14,7 @@ CI (``CI=true``) runs "ci" and everything else "dev", as before:
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 
 import pytest
@@ -63,3 +64,12 @@ def postgres_dsn(postgres_databases: _pg.Databases) -> Iterator[str]:
     """The DSN of a fresh, empty database with a random name, force-dropped after the test."""
     with postgres_databases.fresh() as dsn:
         yield dsn
+
+
+@pytest.fixture
+def raw_connections() -> Iterator[list[sqlite3.Connection]]:
+    """Raw sqlite3 connections a test opens; closed (rolling back) at teardown."""
+    connections: list[sqlite3.Connection] = []
+    yield connections
+    for connection in connections:
+        connection.close()

@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +63,6 @@ async def _commit(store: Any, aggregate_id: str, sequence: int, events: list[Any
 
 def _place(envelope: Any) -> tuple[Any, Any, Any]:
     return (envelope.event_id, envelope.global_position, envelope.recorded_at)
-
-
-@pytest.fixture
-def raw_connections() -> Iterator[list[sqlite3.Connection]]:
-    """Raw sqlite3 connections a test opens; closed (rolling back) at teardown."""
-    connections: list[sqlite3.Connection] = []
-    yield connections
-    for connection in connections:
-        connection.close()
 
 
 # -- positions of commits --

@@ -112,15 +112,6 @@ def _raw(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None, timeout=5)
 
 
-@pytest.fixture
-def raw_connections() -> Iterator[list[sqlite3.Connection]]:
-    """Raw sqlite3 connections a test opens; closed (rolling back) at teardown."""
-    connections: list[sqlite3.Connection] = []
-    yield connections
-    for connection in connections:
-        connection.close()
-
-
 # -- opening --
 
 
