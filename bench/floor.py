@@ -8,7 +8,19 @@ a unique ``(aggregate_type, aggregate_id, sequence)``), written by plain ``sqlit
 
 - **one row per transaction**: what a store without group commit must do per command;
 - **batched**: ``floor_batch`` rows per transaction, the most a group commit could
-  gather from the same number of concurrent callers as W3.
+  gather from the same number of concurrent callers as W3;
+- **one row per transaction from Trio**: the same single-row transactions issued by a
+  Trio program that keeps the rule trio_es keeps (a blocking database call never runs on
+  the Trio thread): each is handed to one long-lived worker thread through a queue and
+  awaited, the cheapest hop there is (no library code, see :class:`_Hop`). This bounds
+  what any Trio store can do for one caller awaiting each command (W1, W2).
+
+And for every store, the **Trio command round trip**: a bare-Trio caller sends a command to
+a task that owns it and waits for the reply, with the machinery trio_es's guarantees need
+and nothing else: a deadline scope around the call, a mailbox (memory channel), the
+owner's idle-deadline scope while it waits, a shielded section for the commit, and a
+one-shot reply. No store and no domain: it bounds what a task-per-aggregate runtime can
+do on the memory store (W1, W2).
 
 SQLite uses the durability of trio_es's store (WAL, ``synchronous=FULL``); PostgreSQL
 uses the server's settings. The rows are spread over 1,000 aggregates like W3's.
@@ -18,13 +30,26 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
-__all__ = ["postgres_floor", "rows", "sqlite_floor"]
+import outcome
+import trio
+
+__all__ = [
+    "postgres_floor",
+    "postgres_floor_from_trio",
+    "round_trip_floor",
+    "rows",
+    "sqlite_floor",
+    "sqlite_floor_from_trio",
+]
 
 _AGGREGATES: Final = 1_000
 
@@ -132,3 +157,128 @@ def postgres_floor(dsn: str, count: int, batch: int) -> float:
     if stored != count:
         raise AssertionError(f"the PostgreSQL floor stored {stored} rows, not {count}")
     return count / elapsed
+
+
+class _Hop:
+    """One long-lived worker thread that runs blocking calls handed over from Trio."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+
+        def job() -> None:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(fn))
+
+        self._jobs.put(job)
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _from_trio(count: int, commit_one: Callable[[Row], None]) -> float:
+    """Rows per second committing ``count`` rows one per call, each awaited through a hop."""
+    data = rows(count)
+
+    async def main() -> float:
+        hop = _Hop()
+        try:
+            started = time.perf_counter()
+            for row in data:
+                await hop.run(functools.partial(commit_one, row))
+            return count / (time.perf_counter() - started)
+        finally:
+            hop.close()
+
+    return trio.run(main)
+
+
+def sqlite_floor_from_trio(path: str, count: int) -> float:
+    """:func:`sqlite_floor` with one row per transaction, each awaited from Trio via a hop."""
+    insert = f"INSERT INTO floor_events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    with contextlib.closing(
+        sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    ) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(_SQLITE_DDL)
+
+        def commit_one(row: Row) -> None:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(insert, row)
+            connection.execute("COMMIT")
+
+        rate = _from_trio(count, commit_one)
+        stored = connection.execute("SELECT count(*) FROM floor_events").fetchone()[0]
+    if stored != count:
+        raise AssertionError(f"the SQLite floor stored {stored} rows, not {count}")
+    return rate
+
+
+def postgres_floor_from_trio(dsn: str, count: int) -> float:
+    """:func:`postgres_floor` with one row per transaction, each awaited from Trio via a hop."""
+    import psycopg
+
+    insert = (
+        f"INSERT INTO floor_events ({_COLUMNS})"
+        " VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)"
+    )
+    connection: Any
+    with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as connection:
+        connection.execute(_POSTGRES_DDL)
+        cursor = connection.cursor()
+
+        def commit_one(row: Row) -> None:
+            cursor.execute(insert, row, prepare=True)  # autocommit: one round trip
+
+        rate = _from_trio(count, commit_one)
+        row = connection.execute("SELECT count(*) FROM floor_events").fetchone()
+        connection.execute("DROP TABLE floor_events")
+    stored = row[0] if row else 0
+    if stored != count:
+        raise AssertionError(f"the PostgreSQL floor stored {stored} rows, not {count}")
+    return rate
+
+
+def round_trip_floor(count: int) -> float:
+    """Bare-Trio command round trips per second (see the module docstring)."""
+
+    async def main() -> float:
+        send, receive = trio.open_memory_channel[tuple[int, trio.lowlevel.Task]](10_000)
+
+        async def owner() -> None:
+            while True:
+                with trio.CancelScope(deadline=trio.current_time() + 3600):
+                    command, caller = await receive.receive()
+                # A commit runs shielded; the checkpoint stands in for its await.
+                with trio.CancelScope(shield=True):
+                    await trio.lowlevel.checkpoint()
+                    result = command + 1
+                trio.lowlevel.reschedule(caller, outcome.Value(result))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(owner)
+            started = time.perf_counter()
+            for number in range(count):
+                with trio.CancelScope(deadline=trio.current_time() + 30):
+                    send.send_nowait((number, trio.lowlevel.current_task()))
+                    answer = await trio.lowlevel.wait_task_rescheduled(
+                        lambda _: trio.lowlevel.Abort.SUCCEEDED
+                    )
+                if answer != number + 1:
+                    raise AssertionError(f"the round trip floor got {answer}, not {number + 1}")
+            rate = count / (time.perf_counter() - started)
+            nursery.cancel_scope.cancel()
+        return rate
+
+    return trio.run(main)

@@ -2,7 +2,8 @@
 
 Runs one measurement of trio_es only (no peer, no rounds), profiling its timed phase
 only (not the setup or the final state check), and prints where the time went; for C1
-that is the projection catching up (the raw subscription is not profiled). With
+that is the projection catching up (the raw subscription is not profiled), for S1 the
+first visits (``python -m bench.profiling S1 memory``, in this process). With
 ``pyinstrument`` installed (a development tool, not a dependency: ``pip install
 pyinstrument``) it prints pyinstrument's call tree and the functions with the most
 time of their own, as percentages of the timed phase; otherwise (or with
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from . import trio_side
+from . import scale, trio_side
 from .results import plan_metrics
 from .settings import STORES, Mode, Settings
 from .stores import Location, PostgresSpace, SqliteSpace
@@ -52,6 +53,14 @@ def _measurement(
 ) -> Callable[[TimedPhase], str]:
     """One trio_es measurement of ``workload``; R1's and C1's setup is done here, unprofiled."""
     sizes = settings.sizes
+    if workload == "S1":
+
+        def measure_visits(timed_phase: TimedPhase) -> str:
+            n = sizes.s1_aggregates
+            result = trio.run(scale.trio_es_side, n, timed_phase)
+            return f"{n / result['visits_s']:,.0f} first visits/s ({n:,} aggregates)"
+
+        return measure_visits
     if workload in ("W1", "W2", "W3"):
         plans = {"W1": w1_plan(sizes), "W2": w2_plan(sizes)}
         plan = plans.get(workload) or w3_plan(sizes, settings.seed)
@@ -148,7 +157,7 @@ def _pyinstrument(measure: Callable[[TimedPhase], str], top: int) -> tuple[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Profile one workload on one store; print the result line and the profile."""
     parser = argparse.ArgumentParser(prog="python -m bench.profiling", description=__doc__)
-    parser.add_argument("workload", choices=("W1", "W2", "W3", "R1", "R1s", "C1"))
+    parser.add_argument("workload", choices=("W1", "W2", "W3", "R1", "R1s", "C1", "S1"))
     parser.add_argument("store", choices=STORES)
     modes = parser.add_mutually_exclusive_group()
     for name in ("smoke", "quick", "full"):

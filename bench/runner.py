@@ -19,10 +19,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Final
 
 import trio
 
-from . import floor, machine, trio_side
+from . import floor, machine, scale, trio_side
 from .report import Report
 from .results import Trial, Verdict, plan_metrics
 from .settings import Settings
@@ -34,6 +35,10 @@ from .stores import (
     sqlite_default_synchronous,
 )
 from .workloads import CatchUp, Plan, c1_catch_up, r1_account, w1_plan, w2_plan, w3_plan
+
+#: Floor methods beyond the raw inserts (see :mod:`bench.floor`).
+FROM_TRIO: Final = "1 row/tx from Trio via a worker thread"
+ROUND_TRIP: Final = "Trio command round trip (no store)"
 
 __all__ = ["run"]
 
@@ -90,7 +95,22 @@ class _Run:
         shown = ", ".join(
             f"{key}={value:,.1f}"
             for key, value in trial.metrics.items()
-            if key in ("throughput", "p99_ms", "load_ms", "last_over_first", "rate", "read_rate")
+            if key
+            in (
+                "throughput",
+                "p99_ms",
+                "load_ms",
+                "last_over_first",
+                "rate",
+                "read_rate",
+                "rss_per_aggregate",
+                "rss_bare",
+                "visits",
+                "bare_visits",
+                "shutdown_ms",
+                "bare_shutdown_ms",
+                "warnings",
+            )
         )
         self.progress(f"    {name}: {shown}{status}")
         return trial
@@ -287,24 +307,53 @@ class _Run:
             return Trial(metrics, Verdict(False, "; ".join(problems)))
         return Trial(metrics, verdict)
 
+    def s1_workload(self) -> None:
+        """S1 (memory store only): trio_es against bare Trio, each side in a fresh process."""
+        sizes = self.settings.sizes
+        for round_ in range(sizes.s1_rounds):
+            self.progress(
+                f"  S1 memory round {round_ + 1}/{sizes.s1_rounds} "
+                f"({sizes.s1_aggregates:,} aggregates)"
+            )
+            measure = functools.partial(scale.s1_trial, sizes.s1_aggregates, round_)
+            self.report.add("S1", "memory", TRIO, self._trial(TRIO, measure))
+
     def floor_workload(self, store: str) -> None:
         """The raw-database floor on ``store``: each method once per round, fresh tables."""
         sizes = self.settings.sizes
-        methods = {
-            "1 row/tx": (sizes.floor_single_rows, 1),
-            f"{sizes.floor_batch} rows/tx": (sizes.floor_batched_rows, sizes.floor_batch),
-        }
+        methods: dict[str, tuple[int, int]] = {}
+        if store != "memory":
+            methods["1 row/tx"] = (sizes.floor_single_rows, 1)
+            methods[f"{sizes.floor_batch} rows/tx"] = (sizes.floor_batched_rows, sizes.floor_batch)
+            methods[FROM_TRIO] = (sizes.floor_single_rows, 1)
+        else:
+            methods[ROUND_TRIP] = (sizes.floor_round_trips, 0)
         for round_ in range(sizes.rounds):
             self.progress(f"  floor {store} round {round_ + 1}/{sizes.rounds}")
             for method, (count, batch) in methods.items():
+                if method == ROUND_TRIP:
+                    rate = floor.round_trip_floor(count)
+                    self.progress(f"    {method}: {rate:,.0f}/s")
+                    self.report.add_floor(store, method, rate)
+                    continue
                 location = self._fresh(store, "floor")
                 try:
                     if store == "sqlite":
                         assert location.sqlite_path is not None
-                        rate = floor.sqlite_floor(location.sqlite_path, count, batch)
+                        path = location.sqlite_path
+                        rate = (
+                            floor.sqlite_floor_from_trio(path, count)
+                            if method == FROM_TRIO
+                            else floor.sqlite_floor(path, count, batch)
+                        )
                     else:
                         assert location.postgres_dsn is not None
-                        rate = floor.postgres_floor(location.postgres_dsn, count, batch)
+                        dsn = location.postgres_dsn
+                        rate = (
+                            floor.postgres_floor_from_trio(dsn, count)
+                            if method == FROM_TRIO
+                            else floor.postgres_floor(dsn, count, batch)
+                        )
                 finally:
                     self._discard(location)
                 self.progress(f"    {method}: {rate:,.0f} rows/s")
@@ -368,7 +417,9 @@ class _Run:
                     self.r1_workload(store, sizes.r1_snapshot_every)
                 if catch_up is not None:
                     self.c1_workload(store, catch_up)
-                if "floor" in settings.workloads and store != "memory":
+                if "S1" in settings.workloads and store == "memory":
+                    self.s1_workload()
+                if "floor" in settings.workloads:
                     self.floor_workload(store)
         self.report.machine["load average at end (1, 5, 15 min)"] = machine.load_average()
         self.report.finish()

@@ -29,7 +29,7 @@ MODES: Final[tuple[Mode, ...]] = ("smoke", "quick", "full")
 #: Every store, in report order.
 STORES: Final = ("memory", "sqlite", "postgres")
 #: Every workload, in report order; ``floor`` is the raw-database baseline.
-WORKLOADS: Final = ("W1", "W2", "W3", "R1", "C1", "floor")
+WORKLOADS: Final = ("W1", "W2", "W3", "R1", "C1", "S1", "floor")
 #: The server benchmarks use unless told otherwise (a maintenance database: the
 #: harness creates a database of its own with a random name there and drops it after).
 DEFAULT_POSTGRES_DSN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -54,12 +54,18 @@ class Sizes:
         floor_single_rows: rows the floor inserts one per transaction.
         floor_batched_rows: rows the floor inserts in batches.
         floor_batch: rows per transaction of the batched floor.
+        floor_round_trips: bare-Trio command round trips the floor times (see
+            :func:`bench.floor.round_trip_floor`).
         c1_events: C1's events in the store before its projection starts catching up.
         c1_accounts: C1's accounts (each opened, then deposits dealt round-robin).
         c1_fill_batch: C1 writes its events (untimed) in transactions of this many.
         c1_batch: the most events one batch delivers to C1's projection (trio_es's
             ``batch_size``; the peer's subscription reads pages of 500, a fixed size).
         c1_rounds: C1's rounds (fewer than ``rounds`` in ``full``: each is long).
+        s1_aggregates: S1's new aggregates, one command each, all live at the end (memory
+            store only; see :mod:`bench.scale`).
+        s1_rounds: S1's rounds (each runs three fresh processes; at 100,000 aggregates
+            one round takes one to three minutes on a 2-core machine).
     """
 
     rounds: int
@@ -76,11 +82,14 @@ class Sizes:
     floor_single_rows: int
     floor_batched_rows: int
     floor_batch: int
+    floor_round_trips: int
     c1_events: int
     c1_accounts: int
     c1_fill_batch: int
     c1_batch: int
     c1_rounds: int
+    s1_aggregates: int
+    s1_rounds: int
 
     @classmethod
     def for_mode(cls, mode: Mode) -> Sizes:
@@ -101,11 +110,14 @@ class Sizes:
                 floor_single_rows=50,
                 floor_batched_rows=256,
                 floor_batch=64,
+                floor_round_trips=500,
                 c1_events=2_000,
                 c1_accounts=100,
                 c1_fill_batch=500,
                 c1_batch=500,
                 c1_rounds=1,
+                s1_aggregates=2_000,
+                s1_rounds=1,
             )
         quick = cls(
             rounds=3,
@@ -122,16 +134,24 @@ class Sizes:
             floor_single_rows=1_000,
             floor_batched_rows=10_240,
             floor_batch=64,
+            floor_round_trips=20_000,
             c1_events=100_000,
             c1_accounts=1_000,
             c1_fill_batch=10_000,
             c1_batch=500,
             c1_rounds=3,
+            s1_aggregates=100_000,
+            s1_rounds=1,
         )
         if mode == "quick":
             return quick
         return dataclasses.replace(
-            quick, rounds=5, w3_commands=16_000, floor_batched_rows=25_600, c1_events=1_000_000
+            quick,
+            rounds=5,
+            w3_commands=16_000,
+            floor_batched_rows=25_600,
+            c1_events=1_000_000,
+            s1_rounds=3,
         )
 
 
@@ -172,6 +192,6 @@ class Settings:
         return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
     def with_rounds(self, rounds: int) -> Settings:
-        """These settings with ``rounds`` rounds per workload (C1 included)."""
-        sizes = dataclasses.replace(self.sizes, rounds=rounds, c1_rounds=rounds)
+        """These settings with ``rounds`` rounds per workload (C1 and S1 included)."""
+        sizes = dataclasses.replace(self.sizes, rounds=rounds, c1_rounds=rounds, s1_rounds=rounds)
         return dataclasses.replace(self, sizes=sizes)

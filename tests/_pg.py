@@ -20,7 +20,7 @@ import contextlib
 import os
 import secrets
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -141,6 +141,21 @@ _COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"
 _READY_FAILED = b"Z\x00\x00\x00\x05E"
 
 
+async def serve_proxy(
+    dsn: str, handle: Callable[[trio.SocketStream], Awaitable[None]], task_status: Any
+) -> None:
+    """Serve ``handle`` on a free loopback port; ``started`` gets ``dsn`` pointed at it.
+
+    SSL is switched off in that DSN, so that a proxy can see the messages.
+    """
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    task_status.started(
+        psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=str(port), sslmode="disable")
+    )
+    await trio.serve_listeners(handle, listeners)
+
+
 class FaultInjectingProxy:
     """A TCP proxy to the test server that loses one connection around its next COMMIT.
 
@@ -179,14 +194,7 @@ class FaultInjectingProxy:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections on a free loopback port; report the DSN through ``started``."""
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = listeners[0].socket.getsockname()[1]
-        task_status.started(
-            psycopg.conninfo.make_conninfo(
-                self._dsn, host="127.0.0.1", port=str(port), sslmode="disable"
-            )
-        )
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_proxy(self._dsn, self._handle, task_status)
 
     def _dropped(self) -> None:
         self.drops += 1

@@ -81,13 +81,22 @@ def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) ->
                 report.notes,
             )
     for store in stores:
-        if store != "memory":
-            assert set(report.floor[store]) == {"1 row/tx", "64 rows/tx"}
+        if store == "memory":
+            assert set(report.floor[store]) == {"Trio command round trip (no store)"}
+        else:
+            assert set(report.floor[store]) == {
+                "1 row/tx",
+                "64 rows/tx",
+                "1 row/tx from Trio via a worker thread",
+            }
+        assert all(rate > 0 for rates in report.floor[store].values() for rate in rates)
     if not peer:
         assert any("not installed" in note for note in report.notes)
 
     names = [target.name for target in report.targets()]
     assert any(name.startswith("W3 sqlite: events/s vs raw sqlite3") for name in names)
+    assert any(name.startswith("W2 sqlite: commands/s vs raw sqlite3") for name in names)
+    assert "R1 sqlite: cold load with snapshots vs the peer" in names
     markdown = (tmp_path / "latest-smoke.md").read_text()
     assert "| W3 many streams, many callers | sqlite | p99 latency (ms) |" in markdown
     assert "| C1 catch-up | sqlite | projection catch-up (events/s) |" in markdown
@@ -97,7 +106,29 @@ def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) ->
     assert "## Machine" in markdown
     data = json.loads((tmp_path / "latest-smoke.json").read_text())
     assert data["all_verified"] is True
-    assert {row["workload"] for row in data["rows"]} == set(PLAN_WORKLOADS)
+    assert {row["workload"] for row in data["rows"]} == {*PLAN_WORKLOADS, "S1"}
+    assert "| S1 many live aggregates | memory | runtime RSS per live aggregate (B) |" in markdown
+    assert {"S1 memory: warnings logged at shutdown"} <= set(names)
+
+
+def test_s1_measures_trio_es_against_bare_trio_in_fresh_processes(tmp_path: Path) -> None:
+    """S1 at smoke size: every aggregate live, its three targets evaluated, no warning logged."""
+    settings = bench.Settings.for_mode("smoke", stores=("memory",), workloads=("S1",))
+    report = bench.run(settings, out_dir=None, progress=None)
+
+    assert report.state("S1", "memory") == "ok"
+    [trial] = report.trials["S1"]["memory"]["trio_es"]
+    metrics = trial.metrics
+    assert metrics["aggregates"] == 2_000
+    # One task per live aggregate, no wrapper task.
+    assert metrics["tasks_per_aggregate"] == 1
+    for key in ("rss_per_aggregate", "rss_bare", "visits", "bare_visits"):
+        assert metrics[key] > 0, key
+    assert metrics["warnings"] == 0
+    s1 = [target for target in report.targets() if target.name.startswith("S1 ")]
+    assert len(s1) == 4
+    assert all(target.status != "n/a" for target in s1)
+    assert "S1 memory: warnings logged at shutdown" in [target.name for target in s1]
 
 
 def test_without_the_peer_only_its_rows_are_skipped(

@@ -329,7 +329,9 @@ async def test_a_poison_batch_stops_only_that_projection(
     async with system(
         store, Projection("bad", poisoned), Projection("good", healthy), options=options
     ) as es:
-        await es.execute("a", Append(("fine",)))
+        fine = await es.execute("a", Append(("fine",)))
+        # The pill must come in a later batch than the event before it.
+        await es.wait_for_projection("bad", fine.global_position)
         result = await es.execute("a", Append(("poison-pill",)))
         with pytest.raises(ProjectionFailed, match="failed 4 times") as info:
             await es.wait_for_projection("bad", result.global_position)

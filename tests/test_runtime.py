@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any, assert_type
 
@@ -718,6 +719,20 @@ async def test_memory_stays_bounded_when_many_aggregates_are_touched_once(
         stats = await es.system_stats()
         assert stats.live_aggregates == 0
         assert stats.total_commands_processed == 5_000
+
+
+async def test_many_live_aggregates_stop_without_waiting_out_a_grace_period(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving the block with 2,000 live aggregates stops them all, with no warning logged."""
+    async with open_counter(options=RuntimeOptions(idle_timeout=1e12)) as es:
+        for i in range(2_000):
+            await es.execute(f"live-{i}", Append(("x",)))
+        assert (await es.system_stats()).live_aggregates == 2_000
+        # Real time spent by the scheduler now counts heavily in clock time (1 ms is
+        # 10 s), as it does with 100,000 aggregates: no grace may be spent on the group.
+        mock_clock.rate = 10_000
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_a_busy_aggregate_is_not_stopped_while_in_use(

@@ -42,7 +42,7 @@ from trio_es.testing import (
 )
 from trio_es.testing._conformance import OpenStore
 
-from . import _bank, _batching, _ledger
+from . import _bank, _batching, _ledger, _loading
 
 
 class TestSqliteStoreConformance(EventStoreConformance):
@@ -295,6 +295,12 @@ async def test_corrupted_snapshot_is_ignored(
             async with store.transaction() as tx:
                 assert await store.load_snapshot(tx, "acc") is None
         assert "ignoring the snapshot of aggregate 'acc'" in caplog.text
+
+
+async def test_a_snapshot_and_the_events_after_it_load_in_one_call(tmp_path: Path) -> None:
+    """load_snapshot_and_events equals load_snapshot then load_events after it, also staged."""
+    async with _open(tmp_path / "store.db") as store:
+        await _loading.assert_snapshot_and_events_load_together(store)
 
 
 @attrs.frozen

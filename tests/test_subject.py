@@ -21,6 +21,7 @@ from trio_es import (
     receive,
     timeout,
 )
+from trio_es._subject import new_reply
 
 
 async def test_messages_arrive_in_the_order_sent() -> None:
@@ -153,3 +154,75 @@ def test_name_label_must_be_a_string() -> None:
     """new_name refuses a label that is not a str."""
     with pytest.raises(TypeError, match="label"):
         new_name(42)  # type: ignore[arg-type]
+
+
+async def test_a_reply_is_handed_to_the_waiting_reader() -> None:
+    """A reply subject wakes its waiting reader with the reply, then holds the next one."""
+    reply = new_reply("r")
+    got: list[Any] = []
+
+    async def reader() -> None:
+        got.append(await reply.get())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reply.idle_reader()
+        reply.send(outcome.Value(1))
+    assert got == [outcome.Value(1)]
+    reply.send(outcome.Value(2))
+    assert len(reply) == 1
+    assert not reply.idle_reader()
+    assert await receive(reply, 1000) == 2
+    assert len(reply) == 0
+
+
+async def test_a_reply_subject_holds_one_unread_reply() -> None:
+    """A second reply while the first is unread is refused with MailboxFull, as capacity 1."""
+    reply = new_reply("r")
+    reply.send(outcome.Value(1))
+    with pytest.raises(MailboxFull):
+        reply.send(outcome.Value(2))
+    with pytest.raises(MailboxFull):
+        await reply.send_wait(outcome.Value(2))
+    assert reply.get_nowait() == outcome.Value(1)
+    with pytest.raises(trio.WouldBlock):
+        reply.get_nowait()
+
+
+async def test_a_cancelled_reply_reader_leaves_the_reply_for_later() -> None:
+    """A reader cancelled while waiting leaves no waiter behind; a later reply is kept."""
+    reply = new_reply("r")
+    with trio.move_on_after(1) as scope:
+        await reply.get()
+    assert scope.cancelled_caught
+    assert not reply.idle_reader()
+    reply.send(outcome.Value(3))
+    assert await receive(reply, 1000) == 3
+
+
+async def test_closing_a_reply_subject_ends_its_reader() -> None:
+    """Closing a reply subject wakes its reader with EndOfChannel and refuses later sends."""
+    reply = new_reply("r")
+
+    async def close_soon() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        reply.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_soon)
+        with pytest.raises(trio.EndOfChannel):
+            await reply.get()
+    with pytest.raises(trio.ClosedResourceError):
+        reply.send(outcome.Value(1))
+
+
+async def test_only_one_task_may_wait_for_a_reply() -> None:
+    """Two readers of one reply subject is a bug: the second gets BusyResourceError."""
+    reply = new_reply("r")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reply.get)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await reply.get()
+        reply.send(outcome.Value(None))

@@ -96,12 +96,13 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
         if limit is None:
             await runtime.deliver(message, operation)
             return (await reply.get()).unwrap()
-        try:
-            with trio.fail_after(limit.seconds):
-                await runtime.deliver(message, operation)
-                result = await reply.get()
-        except trio.TooSlowError:
-            raise ActorTimeout(operation, limit.milliseconds) from None
+        # A plain scope rather than trio.fail_after: the same deadline, without the
+        # generator-based context manager around it (it costs on every call).
+        with trio.CancelScope(deadline=trio.current_time() + limit.seconds) as scope:
+            await runtime.deliver(message, operation)
+            result = await reply.get()
+        if scope.cancelled_caught:
+            raise ActorTimeout(operation, limit.milliseconds)
         return result.unwrap()
 
     async def execute(

@@ -12,6 +12,7 @@ name at a time; checkpoints are lost with the process, like the events).
 from __future__ import annotations
 
 import datetime
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,7 +23,7 @@ import outcome
 import trio
 
 from ._errors import CheckpointMoved, ConcurrencyConflict, EventStoreError
-from ._store import check_events, check_read_all
+from ._store import check_events, check_read_all, placed
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
 from ._trio_util import AsyncValue, async_value
@@ -100,15 +101,7 @@ class _Log(Generic[EventT, EntityT]):
                 position += 1
                 # The staged envelope stays as commit_events returned it; the stored one
                 # knows its place (committed_envelopes gives the caller the same).
-                stored = MemoryStoreEventEnvelope(
-                    envelope.aggregate_id,
-                    envelope.sequence,
-                    envelope.payload,
-                    envelope.metadata,
-                    event_id=envelope.event_id,
-                    global_position=position,
-                    recorded_at=now,
-                )
+                stored = placed(envelope, position, now)
                 stream.append(stored)
                 self.log.append(StoredEvent(position, stored, now))
                 if envelope.event_id is not None:
@@ -212,6 +205,31 @@ class _MemoryLease:
         await trio.lowlevel.checkpoint()
         self._check()
         self._log.checkpoints[self.name] = 0
+
+
+@final
+class _Block(Generic[EventT, EntityT]):
+    """A :class:`MemoryStore` transaction block (a class: this runs for every command)."""
+
+    __slots__ = ("_log", "_tx")
+
+    def __init__(self, log: _Log[EventT, EntityT], tx: MemoryTransaction[EventT, EntityT]) -> None:
+        self._log = log
+        self._tx = tx
+
+    async def __aenter__(self) -> MemoryTransaction[EventT, EntityT]:
+        return self._tx
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            # No await between the check and the write: the commit is atomic in Trio.
+            self._log.apply_events(self._tx)
+            self._log.apply_snapshots(self._tx)
 
 
 def _stage(
@@ -325,13 +343,9 @@ class MemoryStore(_FeedsProjections[EventT, EntityT]):
     poll_interval: float = attrs.field(default=1.0, kw_only=True, validator=_check_poll)
     _log: _Log[EventT, EntityT] = attrs.field(factory=_Log, init=False)
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[MemoryTransaction[EventT, EntityT]]:
-        tx: MemoryTransaction[EventT, EntityT] = MemoryTransaction()
-        yield tx
-        # No await between the check and the write: the commit is atomic in Trio.
-        self._log.apply_events(tx)
-        self._log.apply_snapshots(tx)
+    def transaction(self) -> AbstractAsyncContextManager[MemoryTransaction[EventT, EntityT]]:
+        """A transaction: its writes are applied together when the block exits normally."""
+        return _Block(self._log, MemoryTransaction())
 
     async def load_events(
         self, tx: MemoryTransaction[EventT, EntityT], aggregate_id: str, start_from: int

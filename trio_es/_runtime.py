@@ -256,22 +256,13 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         if self.aggregates is None or self.stopped:
             # The aggregate supervisor is restarting; it starts every queued mailbox when up.
             return
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            task_status.started()
-            task = AggregateTask(
-                self.shared,
-                aggregate_id,
-                live,
-                self.options.idle_timeout,
-                functools.partial(self._retire, aggregate_id, live),
-            )
-            await task.run()
-
+        child = _AggregateChild(self, aggregate_id, live)
         try:
             self.aggregates.start_child(
-                worker(run, restart=Restart.TRANSIENT, name=f"aggregate {aggregate_id!r}"),
-                on_give_up=functools.partial(self._gave_up, aggregate_id, live),
+                # Built directly, not through worker(): one per first visit. Named by the
+                # mailbox's label, so one string serves both.
+                ChildSpecification(child, Restart.TRANSIENT, live.mailbox.label),
+                on_give_up=child.gave_up,
             )
         except RuntimeError:
             # The supervisor is stopping: the final sweep answers what is queued.
@@ -444,6 +435,43 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             await trio.sleep_forever()
         finally:
             mailbox.forward_to(None)
+
+
+@final
+@attrs.define(eq=False, slots=True)
+class _AggregateChild:
+    """One aggregate as a supervisor's child: its start function and its callbacks.
+
+    One small object instead of a closure or a ``functools.partial`` for each of them:
+    it lives as long as the aggregate, and there may be 100,000 live aggregates.
+    """
+
+    runtime: _Runtime[Any, Any, Any]
+    aggregate_id: str
+    live: Live
+
+    def __call__(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> Awaitable[None]:
+        """A fresh :class:`AggregateTask`'s loop, for each (re)start of the aggregate.
+
+        A plain function returning the coroutine, so that the supervisor awaits the loop
+        itself: a wrapping ``async def`` would keep one more frame alive per live
+        aggregate. The dynamic supervisor does not wait for ``task_status``.
+        """
+        runtime = self.runtime
+        task: AggregateTask[Any, Any, Any] = AggregateTask(
+            runtime.shared, self.aggregate_id, self.live, runtime.options.idle_timeout, self.retire
+        )
+        return task.run()
+
+    def retire(self) -> bool:
+        """Forget the idle aggregate, unless a message arrived for it meanwhile."""
+        return self.runtime._retire(self.aggregate_id, self.live)
+
+    def gave_up(self, error: SupervisorGaveUp) -> None:
+        """The aggregate kept crashing and was stopped: answer what waits for it."""
+        self.runtime._gave_up(self.aggregate_id, self.live, error)
 
 
 async def _discard_forever(mailbox: Subject[Any]) -> None:

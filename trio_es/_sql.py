@@ -39,9 +39,9 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar, final
 
 import attrs
@@ -87,7 +87,7 @@ __all__ = [
     "notify_channel",
     "parse_utc",
     "pending_writes",
-    "transaction_block",
+    "TransactionBlock",
     "translate_outcomes",
     "utc_text",
 ]
@@ -902,22 +902,38 @@ def pending_writes(
     return tx._pending
 
 
-@asynccontextmanager
-async def transaction_block(
-    tx: TxT, commit: Callable[[PendingWrites[Any, Any]], Awaitable[None]]
-) -> AsyncIterator[TxT]:
-    """Yield ``tx``; when the block exits without an exception, commit what it buffered.
+@final
+class TransactionBlock(Generic[TxT]):
+    """``async with TransactionBlock(tx, commit)``: yields ``tx``; when the block exits
+    without an exception, commits what it buffered.
 
     The handle is finished however the block exits, so a handle kept past its block
     is refused. A block that raised writes nothing, and one that buffered nothing costs
-    no ``commit`` call (no database call at all).
+    no ``commit`` call (no database call at all). A class rather than a generator-based
+    context manager: every command enters one.
     """
-    try:
-        yield tx
-    finally:
+
+    __slots__ = ("_commit", "_tx")
+
+    def __init__(
+        self, tx: TxT, commit: Callable[[PendingWrites[Any, Any]], Awaitable[None]]
+    ) -> None:
+        self._tx = tx
+        self._commit = commit
+
+    async def __aenter__(self) -> TxT:
+        return self._tx
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        tx = self._tx
         tx._finished = True
-    if tx._pending.has_writes:
-        await commit(tx._pending)
+        if exc_type is None and tx._pending.has_writes:
+            await self._commit(tx._pending)
 
 
 def translate_outcomes(
@@ -988,6 +1004,43 @@ class SqlReads(Generic[EventT, EntityT]):
 
         stored = await self.run(read, "loading events")
         return pending.merge_events(aggregate_id, start_from, stored)
+
+    async def load_snapshot_and_events(
+        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str
+    ) -> tuple[Snapshot[EntityT] | None, list[SerializedEventEnvelope[EventT]]]:
+        """The latest snapshot (as :meth:`load_snapshot`) and the events after it.
+
+        Both are read in one worker-thread call, where :meth:`load_snapshot` then
+        :meth:`load_events` would take two: a cold load is mostly those hops. The events
+        are read after the snapshot, so a commit in between is included, never skipped.
+
+        Raises:
+            EventStoreError: a stored snapshot or event cannot be decoded, or the
+                database failed.
+        """
+        staged = pending.snapshot(aggregate_id)
+        if staged is not None:
+            return staged, await self.load_events(pending, aggregate_id, staged.sequence)
+
+        def read(
+            connection: Queryable,
+        ) -> tuple[Snapshot[Any] | None, list[SerializedEventEnvelope[Any]]]:
+            rows = connection.execute(
+                self.statements.select_snapshot, (self.aggregate_type, aggregate_id)
+            ).fetchall()
+            snapshot = decode_snapshot_row(self.transcoder, aggregate_id, rows[0]) if rows else None
+            start = 0 if snapshot is None else snapshot.sequence
+            rows = connection.execute(
+                self.statements.select_events, (self.aggregate_type, aggregate_id, start)
+            ).fetchall()
+            return snapshot, [
+                decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, row)
+                for row in rows
+            ]
+
+        snapshot, stored = await self.run(read, "loading a snapshot and the events after it")
+        start = 0 if snapshot is None else snapshot.sequence
+        return snapshot, pending.merge_events(aggregate_id, start, stored)
 
     async def load_snapshot(
         self, pending: PendingWrites[EventT, EntityT], aggregate_id: str

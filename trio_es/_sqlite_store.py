@@ -67,6 +67,7 @@ from ._sql import (
     SqlTransaction,
     Statements,
     StoredEvent,
+    TransactionBlock,
     check_aggregate_type,
     check_existing_tables,
     check_schema_version,
@@ -77,7 +78,6 @@ from ._sql import (
     max_sequence,
     parse_utc,
     pending_writes,
-    transaction_block,
     translate_outcomes,
     utc_text,
 )
@@ -715,7 +715,7 @@ class SqliteStore(Generic[EventT, EntityT]):
         tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(
             self, PendingWrites(self.transcoder, self.aggregate_type)
         )
-        return transaction_block(tx, functools.partial(self._commit_writes, tx))
+        return TransactionBlock(tx, functools.partial(self._commit_writes, tx))
 
     async def _commit_writes(
         self, tx: SqliteTransaction[Any, Any], pending: PendingWrites[Any, Any]
@@ -791,6 +791,22 @@ class SqliteStore(Generic[EventT, EntityT]):
         """
         return await self._reads.load_events(
             pending_writes(tx, self), check_text(aggregate_id, "aggregate_id"), start_from
+        )
+
+    async def load_snapshot_and_events(
+        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str
+    ) -> tuple[Snapshot[EntityT] | None, list[SerializedEventEnvelope[EventT]]]:
+        """The latest snapshot and the events after it, read in one worker-thread call.
+
+        What :meth:`load_snapshot` then :meth:`load_events` after its sequence return, at
+        the cost of one thread hop instead of two; the runtime loads aggregates with it.
+
+        Raises:
+            EventStoreError: a stored snapshot or event cannot be decoded, or SQLite
+                failed.
+        """
+        return await self._reads.load_snapshot_and_events(
+            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id")
         )
 
     async def commit_events(

@@ -17,10 +17,19 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 
-from ._types import Aggregate, EventEnvelope, Metadata, Snapshot, StoredEvent
+from ._types import (
+    Aggregate,
+    EventEnvelope,
+    MemoryStoreEventEnvelope,
+    Metadata,
+    SerializedEventEnvelope,
+    Snapshot,
+    StoredEvent,
+)
 from ._validated import check_int
 
 __all__ = [
+    "placed",
     "EventStore",
     "Lease",
     "ProjectionSource",
@@ -163,10 +172,40 @@ def committed_envelopes(tx: object, envelopes: Sequence[EnvelopeT]) -> Sequence[
         if place is None:
             positioned.append(envelope)
         else:
-            positioned.append(
-                attrs.evolve(envelope, global_position=place[0], recorded_at=place[1])
-            )
+            positioned.append(placed(envelope, place[0], place[1]))
     return positioned
+
+
+def placed(envelope: EnvelopeT, position: int, recorded_at: datetime.datetime) -> EnvelopeT:
+    """``envelope`` with its place; built directly for the package's own envelope classes,
+    since ``attrs.evolve`` introspects the class on every call (this runs per event)."""
+    e: Any = envelope
+    if type(envelope) is MemoryStoreEventEnvelope:
+        placed: Any = MemoryStoreEventEnvelope(
+            e.aggregate_id,
+            e.sequence,
+            e.payload,
+            e.metadata,
+            event_id=e.event_id,
+            global_position=position,
+            recorded_at=recorded_at,
+        )
+    elif type(envelope) is SerializedEventEnvelope:
+        placed = SerializedEventEnvelope(
+            e.aggregate_id,
+            e.sequence,
+            e.payload,
+            e.metadata,
+            e.event_type,
+            e.event_version,
+            e.aggregate_type,
+            event_id=e.event_id,
+            global_position=position,
+            recorded_at=recorded_at,
+        )
+    else:
+        placed = attrs.evolve(e, global_position=position, recorded_at=recorded_at)
+    return placed  # type: ignore[no-any-return]
 
 
 class Watch(Protocol):

@@ -40,6 +40,111 @@ _subject_ids = itertools.count(1)
 
 
 @final
+@attrs.define(eq=False)
+class _Channel(Generic[T]):
+    """A mailbox's storage: a Trio memory channel pair."""
+
+    _send: trio.MemorySendChannel[T]
+    _receive: trio.MemoryReceiveChannel[T]
+
+    def send_nowait(self, message: T) -> None:
+        self._send.send_nowait(message)
+
+    async def send(self, message: T) -> None:
+        await self._send.send(message)
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def receive(self) -> T:
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> T:
+        return self._receive.receive_nowait()
+
+    def queued(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    def idle_reader(self) -> bool:
+        stats = self._receive.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
+
+
+@final
+class _OneShot(Generic[T]):
+    """A mailbox's storage for one message at a time, and the one task that waits for it.
+
+    What a call's reply needs, at a fraction of a memory channel's cost: a message sent
+    while the reader waits is handed to it at once; otherwise it is kept until read.
+    """
+
+    __slots__ = ("_closed", "_full", "_message", "_waiter")
+
+    def __init__(self) -> None:
+        self._full = False
+        self._closed = False
+        self._message: T | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+
+    def send_nowait(self, message: T) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Value(message))
+        elif self._full:
+            raise trio.WouldBlock
+        else:
+            self._message, self._full = message, True
+
+    async def send(self, message: T) -> None:
+        await trio.lowlevel.checkpoint()
+        self.send_nowait(message)
+
+    def close(self) -> None:
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Error(trio.EndOfChannel()))
+
+    async def receive(self) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            message = self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return message
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already waiting for this reply")
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+    def receive_nowait(self) -> T:
+        if self._full:
+            message = self._message
+            self._message, self._full = None, False
+            return message  # type: ignore[return-value]
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    def queued(self) -> int:
+        return 1 if self._full else 0
+
+    def idle_reader(self) -> bool:
+        return not self._full and self._waiter is not None
+
+
+@final
 @attrs.define(eq=False, init=False)
 class Subject(Generic[T]):
     """A bounded mailbox: many senders, one reader.
@@ -51,15 +156,23 @@ class Subject(Generic[T]):
 
     label: str
     capacity: int
-    _send: trio.MemorySendChannel[T] = attrs.field(repr=False)
-    _receive: trio.MemoryReceiveChannel[T] = attrs.field(repr=False)
+    _box: _Channel[T] | _OneShot[T] = attrs.field(repr=False)
     _forward: Callable[[T], None] | None = attrs.field(repr=False)
 
     def __init__(self, *, capacity: int = DEFAULT_CAPACITY, label: str | None = None) -> None:
         self.capacity = positive_int("capacity", capacity)
         self.label = label if label is not None else f"subject-{next(_subject_ids)}"
-        self._send, self._receive = trio.open_memory_channel[T](capacity)
+        self._box = _Channel(*trio.open_memory_channel[T](capacity))
         self._forward = None
+
+    @classmethod
+    def _for_one_reply(cls, label: str) -> Subject[T]:
+        self = cls.__new__(cls)
+        self.capacity = 1
+        self.label = label
+        self._box = _OneShot()
+        self._forward = None
+        return self
 
     def forward_to(self, forward: Callable[[T], None] | None) -> None:
         """Hand every message sent from now on to ``forward`` during the send (or stop).
@@ -82,7 +195,7 @@ class Subject(Generic[T]):
             forward(message)
             return
         try:
-            self._send.send_nowait(message)
+            self._box.send_nowait(message)
         except trio.WouldBlock:
             raise MailboxFull(mailbox=repr(self.label), capacity=self.capacity) from None
 
@@ -98,7 +211,10 @@ class Subject(Generic[T]):
             await trio.lowlevel.checkpoint()
             forward(message)
             return
-        await self._send.send(message)
+        try:
+            await self._box.send(message)
+        except trio.WouldBlock:  # a reply subject, already holding its reply
+            raise MailboxFull(mailbox=repr(self.label), capacity=self.capacity) from None
 
     def close(self) -> None:
         """Refuse further messages: senders waiting for room wake with ``ClosedResourceError``.
@@ -106,11 +222,11 @@ class Subject(Generic[T]):
         Messages already queued stay readable with :meth:`get_nowait`, so the owner can
         answer each of them.
         """
-        self._send.close()
+        self._box.close()
 
     async def get(self) -> T:
         """Wait for the next message; used by the actor that owns the mailbox."""
-        return await self._receive.receive()
+        return await self._box.receive()
 
     def get_nowait(self) -> T:
         """Take the next message if there is one.
@@ -118,11 +234,11 @@ class Subject(Generic[T]):
         Raises:
             trio.WouldBlock: the mailbox is empty.
         """
-        return self._receive.receive_nowait()
+        return self._box.receive_nowait()
 
     def __len__(self) -> int:
         """The number of messages waiting in the mailbox."""
-        return self._receive.statistics().current_buffer_used
+        return self._box.queued()
 
     def idle_reader(self) -> bool:
         """True when the mailbox is empty and its reader is waiting on it.
@@ -130,13 +246,17 @@ class Subject(Generic[T]):
         Then no message is on its way to the reader: one a sender hands over directly
         would be the next it sees anyway.
         """
-        stats = self._receive.statistics()
-        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive == 1
+        return self._box.idle_reader()
 
 
 def new_reply(label: str) -> Subject[outcome.Outcome[Any]]:
-    """A mailbox for exactly one reply (an ``outcome.Outcome``)."""
-    return Subject(capacity=1, label=label)
+    """A mailbox for one reply (an ``outcome.Outcome``) at a time.
+
+    It holds one message, like ``Subject(capacity=1)``, but is built without a memory
+    channel: a reply is handed straight to the task waiting for it. ``send_wait`` does not
+    wait for room: a second reply while the first is unread raises ``MailboxFull``.
+    """
+    return Subject._for_one_reply(label)
 
 
 def new_subject(*, capacity: int = DEFAULT_CAPACITY, label: str | None = None) -> Subject[Any]:

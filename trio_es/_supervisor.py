@@ -20,11 +20,20 @@ Only an :class:`Exception` is a failure. ``trio.Cancelled``, ``KeyboardInterrupt
 its other children and lets them propagate.
 
 Why every child runs inside a shielded cancel scope owned by the supervisor: Trio delivers
-a cancellation to every task under the cancelled scope at once, while OTP stops children
-one at a time, in reverse start order, each with a grace period. Shielding each child
-lets the supervisor catch its own cancellation and then cancel the children one by one.
-The supervisor's nursery still waits for every child before :meth:`StaticSupervisor.run`
-returns, so a child is never left running, even one that ignores its cancellation.
+a cancellation to every task under the cancelled scope at once, while OTP stops a static
+supervisor's children one at a time, in reverse start order, each with a grace period.
+Shielding each child lets the supervisor catch its own cancellation and then cancel the
+children one by one. A dynamic supervisor, like OTP's ``simple_one_for_one``, cancels all
+its children at once and gives them one grace period together: stopping 100,000 children
+one scheduler round trip at a time would take longer than any grace period. The
+supervisor's nursery still waits for every child before ``run`` returns, so a child is
+never left running, even one that ignores its cancellation.
+
+A child that is itself a supervisor (or a worker running one, as the runtime's aggregate
+supervisor is) bounds its own children's stop with its own grace, so its parent waits for
+that stop to finish instead of timing it with the parent's grace (OTP gives supervisor
+children ``shutdown => infinity`` for the same reason); only what is still running once
+that stop finished is timed by the parent's grace.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, Final, final
 
 import attrs
@@ -63,6 +73,9 @@ _supervisor_ids = itertools.count(1)
 
 #: The signature of a child's start function, called as ``start(task_status=...)``.
 _StartFn = Callable[..., Awaitable[object]]
+#: How many children that ignore their cancellation a dynamic supervisor names one by one
+#: in its log before it only counts the rest (100,000 lines would drown the log).
+_STRAGGLERS_NAMED: Final = 10
 
 
 class Restart(enum.Enum):
@@ -279,12 +292,61 @@ async def _run_nursery(body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
         raise error
 
 
+@final
+@attrs.define(eq=False)
+class _StopLink:
+    """What a static supervisor's child tells it about the supervisors it runs.
+
+    The child's task sees it through :data:`_parent_link`; a supervisor run in that task
+    counts itself in ``supervisors`` while it runs and sets ``stopped`` once its own stop
+    (bounded by its own grace) has finished, so the parent waits for that instead of
+    timing it with the parent's grace.
+    """
+
+    supervisors: int = 0
+    #: Made by the parent when it stops the child; set by the last supervisor that
+    #: finished stopping, or by the child's end.
+    stopped: trio.Event | None = None
+
+    def enter(self) -> None:
+        self.supervisors += 1
+
+    def leave(self) -> None:
+        self.supervisors -= 1
+        if self.supervisors == 0 and self.stopped is not None:
+            self.stopped.set()
+
+    def ended(self) -> None:
+        if self.stopped is not None:
+            self.stopped.set()
+
+
+#: The link to the static supervisor running the current task, if any (see _StopLink).
+#: A context variable, because a supervisor may run a few frames or a nursery below the
+#: child's start function (the runtime's aggregate supervisor does).
+_parent_link: ContextVar[_StopLink | None] = ContextVar("trio_es.supervision.parent", default=None)
+
+
 async def _stop(
-    supervisor: str, label: str, scope: trio.CancelScope, done: trio.Event, grace: float
+    supervisor: str,
+    label: str,
+    scope: trio.CancelScope,
+    done: trio.Event,
+    grace: float,
+    link: _StopLink | None = None,
 ) -> None:
-    """Cancel one child and wait up to ``grace`` seconds for it to end."""
+    """Cancel one child and wait up to ``grace`` seconds for it to end.
+
+    A child running a supervisor is first given, without a time limit, the time that
+    supervisor takes to stop its own children (each within its own grace).
+    """
+    if link is not None and link.supervisors > 0 and not done.is_set():
+        stopped = link.stopped = trio.Event()
+        scope.cancel()
+        # Shielded: stopping must finish even when the supervisor is itself being cancelled.
+        with trio.CancelScope(shield=True):
+            await stopped.wait()
     scope.cancel()
-    # Shielded: stopping must finish even when the supervisor is itself being cancelled.
     with trio.move_on_after(grace, shield=True):
         await done.wait()
     if not done.is_set():
@@ -331,6 +393,7 @@ class _StaticChild:
     generation: int = 0
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     done: trio.Event = attrs.field(factory=trio.Event)
+    link: _StopLink = attrs.field(factory=_StopLink)
 
 
 @final
@@ -363,6 +426,9 @@ class _StaticRun:
 
     async def supervise(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
+        link = _parent_link.get()
+        if link is not None:
+            link.enter()
         try:
             reported = False
             while True:
@@ -379,12 +445,21 @@ class _StaticRun:
                 for child in reversed(self.children):
                     if child.running:
                         child.running = False
-                        await _stop(self.label, child.label, child.scope, child.done, self.grace)
+                        await _stop(
+                            self.label,
+                            child.label,
+                            child.scope,
+                            child.done,
+                            self.grace,
+                            child.link,
+                        )
             finally:
                 # Should the ordered stop itself be interrupted, no shielded child may be
                 # left running: cancel them all.
                 for child in self.children:
                     child.scope.cancel()
+                if link is not None:
+                    link.leave()
 
     def _exits_pending(self) -> bool:
         return self.exits_out.statistics().current_buffer_used > 0
@@ -412,17 +487,25 @@ class _StaticRun:
         child.generation += 1
         child.scope = trio.CancelScope(shield=True)
         child.done = trio.Event()
+        child.link = _StopLink()
         child.running = True
         status = _StartStatus()
-        self.nursery.start_soon(
-            self._child_task,
-            child,
-            child.generation,
-            child.scope,
-            child.done,
-            status,
-            name=f"{self.label}/{child.label}",
-        )
+        # The child's task starts with a copy of this context: that is how a supervisor
+        # it runs finds its link.
+        token = _parent_link.set(child.link)
+        try:
+            self.nursery.start_soon(
+                self._child_task,
+                child,
+                child.generation,
+                child.scope,
+                child.done,
+                child.link,
+                status,
+                name=f"{self.label}/{child.label}",
+            )
+        finally:
+            _parent_link.reset(token)
         await status.ready.wait()
         return status.started_ok
 
@@ -432,6 +515,7 @@ class _StaticRun:
         generation: int,
         scope: trio.CancelScope,
         done: trio.Event,
+        link: _StopLink,
         status: _StartStatus,
     ) -> None:
         failure: Exception | None = None
@@ -446,6 +530,7 @@ class _StaticRun:
             # supervise(): nobody may wait forever for this child.
             status.ready.set()
             done.set()
+            link.ended()
         self.exits_in.send_nowait(_Exit(child, generation, failure, scope.cancel_called))
 
     async def _handle(self, exit_: _Exit) -> bool:
@@ -499,7 +584,9 @@ class _StaticRun:
                 # OTP: a temporary child stopped because of a sibling is not restarted.
                 if victim.spec.restart is Restart.TEMPORARY:
                     victim.wanted = False
-                await _stop(self.label, victim.label, victim.scope, victim.done, self.grace)
+                await _stop(
+                    self.label, victim.label, victim.scope, victim.done, self.grace, victim.link
+                )
         return True
 
 
@@ -517,7 +604,9 @@ class StaticSupervisor:
     siblings restart with it. More than ``intensity`` restarts within ``period`` seconds
     (Trio's clock) and the supervisor stops every child in reverse start order and raises
     :class:`SupervisorGaveUp` from the last failure. Cancelling the supervisor stops the
-    children one by one in reverse start order, each given ``shutdown_grace`` seconds.
+    children one by one in reverse start order, each given ``shutdown_grace`` seconds; a
+    child that runs a supervisor is first given the time that supervisor's own stop takes
+    (it bounds each of its children with its own grace).
 
     Once every child is gone for good (temporary children, or transient ones that
     returned) the supervisor keeps running with none, as OTP's does, until cancelled.
@@ -650,14 +739,18 @@ class ChildHandle:
 
     name: str | None
     _label: str = attrs.field(repr=False)
-    _done: trio.Event = attrs.field(repr=False)
+    #: Made by the first wait() only: a trio.Event (and its set of waiters) per live
+    #: aggregate is memory that nobody uses.
+    _done: trio.Event | None = attrs.field(repr=False)
+    _finished: bool = attrs.field(repr=False)
     _scope: trio.CancelScope | None = attrs.field(repr=False)
     _stop_requested: bool = attrs.field(repr=False)
 
     def __init__(self, name: str | None, label: str) -> None:
         self.name = name
         self._label = label
-        self._done = trio.Event()
+        self._done = None
+        self._finished = False
         self._scope = None
         self._stop_requested = False
 
@@ -672,12 +765,23 @@ class ChildHandle:
 
     async def wait(self) -> None:
         """Wait until the child is gone for good: finished, stopped or given up."""
+        if self._finished:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()
         await self._done.wait()
 
     @property
     def finished(self) -> bool:
         """True once the child is gone for good."""
-        return self._done.is_set()
+        return self._finished
+
+    def _finish(self) -> None:
+        self._scope = None
+        self._finished = True
+        if self._done is not None:
+            self._done.set()
 
 
 @final
@@ -699,26 +803,62 @@ class _DynamicRun:
     window: deque[float] = attrs.field(factory=deque)
     stop_requested: trio.Event = attrs.field(factory=trio.Event)
     gave_up: SupervisorGaveUp | None = None
+    #: Set when the last live child is gone, once stopping began.
+    emptied: trio.Event | None = None
 
     async def supervise(self, task_status: trio.TaskStatus[None], nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.accepting = True
+        link = _parent_link.get()
+        if link is not None:
+            link.enter()
         try:
             task_status.started()
             await self.stop_requested.wait()
         finally:
             self.accepting = False
             try:
-                # list(): each stopped child removes itself from live.
-                for handle in reversed(list(self.live)):
-                    handle._stop_requested = True
-                    if handle._scope is not None:
-                        await _stop(
-                            self.label, handle._label, handle._scope, handle._done, self.grace
-                        )
+                await self._stop_all()
             finally:
                 for handle in list(self.live):
                     handle.stop()
+                if link is not None:
+                    link.leave()
+
+    async def _stop_all(self) -> None:
+        """Cancel every live child at once; wait ``grace`` seconds for them to end.
+
+        One grace period for all, from the moment all were cancelled: each child gets
+        ``grace`` to end, and 100,000 children stop in the time Trio takes to cancel
+        100,000 tasks. Children that outlive it are logged and left behind (the nursery
+        still waits for them).
+        """
+        if not self.live:
+            return
+        emptied = self.emptied = trio.Event()
+        # list(): a child that was never started removes itself from live at once.
+        for handle in list(self.live):
+            handle.stop()
+        # Shielded: stopping must finish even when the supervisor is itself being cancelled.
+        with trio.move_on_after(self.grace, shield=True):
+            await emptied.wait()
+        for count, handle in enumerate(self.live):
+            if count == _STRAGGLERS_NAMED:
+                logger.error(
+                    "supervisor %r: %d more children ignored cancellation for %g s; moving "
+                    "on without them (the supervisor still waits for them before it exits)",
+                    self.label,
+                    len(self.live) - count,
+                    self.grace,
+                )
+                break
+            logger.error(
+                "supervisor %r: child %r ignored cancellation for %g s; moving on without it "
+                "(the supervisor still waits for it before it exits)",
+                self.label,
+                handle._label,
+                self.grace,
+            )
 
     async def child_task(
         self,
@@ -726,12 +866,63 @@ class _DynamicRun:
         spec: ChildSpecification,
         on_give_up: Callable[[SupervisorGaveUp], None] | None,
     ) -> None:
+        """Run and restart one child; tell ``on_give_up`` if it alone was given up on.
+
+        One frame for the child's whole life, with no helper coroutine under it: a frame
+        costs about 250 bytes, and there is one such task per live aggregate.
+        """
+        gave_up: SupervisorGaveUp | None = None
+        # Per-child restart times live in this frame only, so they go when the child goes.
+        window: deque[float] | None = None
         try:
-            gave_up = await self._supervise_child(handle, spec)
+            while not handle._stop_requested:
+                scope = handle._scope = trio.CancelScope(shield=True)
+                failure: Exception | None = None
+                try:
+                    with scope:
+                        await spec.start(task_status=trio.TASK_STATUS_IGNORED)
+                except Exception as exc:
+                    failure = exc
+                if scope.cancel_called or not self.accepting:
+                    break
+                if not _should_restart(spec.restart, failure):
+                    if failure is not None:
+                        logger.warning(
+                            "supervisor %r: %s child %r failed with %r; not restarting it",
+                            self.label,
+                            spec.restart.value,
+                            handle._label,
+                            failure,
+                        )
+                    break
+                reason = failure if failure is not None else _returned(handle._label)
+                if self.per_child:
+                    if window is None:
+                        window = deque(maxlen=self.intensity + 1)
+                    counted = window
+                else:
+                    counted = self.window
+                if _note_restart(counted, self.period, self.intensity):
+                    gave_up = self._give_up(handle._label, reason)
+                    break
+                logger.warning(
+                    "supervisor %r: restarting child %r after %r "
+                    "(restart %d of %d allowed within %g s)",
+                    self.label,
+                    handle._label,
+                    reason,
+                    len(counted),
+                    self.intensity,
+                    self.period,
+                )
+                del failure, reason
+                # A child that fails without ever yielding must not starve the other tasks.
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
-            handle._scope = None
             del self.live[handle]
-            handle._done.set()
+            handle._finish()
+            if not self.live and self.emptied is not None:
+                self.emptied.set()
         # Told only once the child is gone for good, so the callback may start a fresh
         # child in its place.
         if gave_up is not None and on_give_up is not None:
@@ -745,56 +936,6 @@ class _DynamicRun:
                     self.label,
                     handle._label,
                 )
-
-    async def _supervise_child(
-        self, handle: ChildHandle, spec: ChildSpecification
-    ) -> SupervisorGaveUp | None:
-        """Run and restart one child; the error to report if it alone was given up on."""
-        # Per-child restart times live in this frame only, so they go when the child goes.
-        window: deque[float] | None = None
-        while not handle._stop_requested:
-            scope = handle._scope = trio.CancelScope(shield=True)
-            failure: Exception | None = None
-            try:
-                with scope:
-                    await spec.start(task_status=trio.TASK_STATUS_IGNORED)
-            except Exception as exc:
-                failure = exc
-            if scope.cancel_called or not self.accepting:
-                return None
-            if not _should_restart(spec.restart, failure):
-                if failure is not None:
-                    logger.warning(
-                        "supervisor %r: %s child %r failed with %r; not restarting it",
-                        self.label,
-                        spec.restart.value,
-                        handle._label,
-                        failure,
-                    )
-                return None
-            reason = failure if failure is not None else _returned(handle._label)
-            if self.per_child:
-                if window is None:
-                    window = deque(maxlen=self.intensity + 1)
-                counted = window
-            else:
-                counted = self.window
-            if _note_restart(counted, self.period, self.intensity):
-                return self._give_up(handle._label, reason)
-            logger.warning(
-                "supervisor %r: restarting child %r after %r "
-                "(restart %d of %d allowed within %g s)",
-                self.label,
-                handle._label,
-                reason,
-                len(counted),
-                self.intensity,
-                self.period,
-            )
-            del failure, reason
-            # A child that fails without ever yielding must not starve the other tasks.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return None
 
     def _give_up(self, label: str, reason: Exception) -> SupervisorGaveUp | None:
         """Give up on one child (per_child) or on the whole supervisor (returns None)."""
@@ -823,11 +964,13 @@ class DynamicSupervisor:
     """A supervisor that takes children while it runs and restarts each one on its own.
 
     Used for one task per live aggregate: children come and go by the million, so a
-    child's bookkeeping is dropped as soon as it is gone for good.
+    child's bookkeeping is dropped as soon as it is gone for good. When it stops, it
+    cancels all its children at once (as OTP's ``simple_one_for_one`` does) and gives them
+    ``shutdown_grace`` seconds together.
 
     Restarts are counted over all children together (``per_child=False``, OTP's
-    behaviour: too many and the whole supervisor stops every child in reverse start order
-    and raises :class:`SupervisorGaveUp`), or for each child on its own
+    behaviour: too many and the whole supervisor stops every child and raises
+    :class:`SupervisorGaveUp`), or for each child on its own
     (``per_child=True``: a child that fails too often is stopped alone, its ``on_give_up``
     callback is told, and the others run on).
 
@@ -836,8 +979,9 @@ class DynamicSupervisor:
         period: the window in seconds over which restarts are counted.
         per_child: count restarts per child rather than over the whole supervisor.
         name: a label for logs and errors.
-        shutdown_grace: seconds each child gets to end once cancelled before the
-            supervisor logs it and moves on to the next.
+        shutdown_grace: seconds the children get to end once all of them were cancelled
+            (when the supervisor stops); those still running then are logged and left
+            behind, and the supervisor still waits for them before it exits.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or is out of range.
@@ -870,7 +1014,9 @@ class DynamicSupervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise children until cancelled or giving up; started once it accepts children.
 
-        Children still running when the run ends are stopped in reverse start order.
+        Children still running when the run ends are cancelled all at once and given
+        ``shutdown_grace`` seconds, together, to end; the order they end in is the
+        scheduler's.
 
         Raises:
             SupervisorGaveUp: with ``per_child=False``, more than ``intensity`` restarts
@@ -931,7 +1077,18 @@ class DynamicSupervisor:
         label = child.label
         handle = ChildHandle(child.name, label)
         state.live[handle] = None
-        state.nursery.start_soon(state.child_task, handle, child, on_give_up, name=label)
+        if _parent_link.get() is None:
+            state.nursery.start_soon(state.child_task, handle, child, on_give_up, name=label)
+            return handle
+        # The child's task copies the caller's context: it must not inherit the link of a
+        # static supervisor above the caller (see _StopLink); children of a dynamic
+        # supervisor are all timed by its one grace period. (Only set when needed: a
+        # context that differs from its parent's costs memory in every child.)
+        token = _parent_link.set(None)
+        try:
+            state.nursery.start_soon(state.child_task, handle, child, on_give_up, name=label)
+        finally:
+            _parent_link.reset(token)
         return handle
 
     def supervised(self, *, restart: Restart = Restart.PERMANENT) -> ChildSpecification:

@@ -1,0 +1,104 @@
+"""SQLite connections used from Trio: each connection's calls on one long-lived thread."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from trio_es import _sqlite_connection
+from trio_es._sqlite_connection import Connection, Interrupt
+
+_roles = itertools.count()
+
+
+@pytest.fixture
+def connection() -> Iterator[Connection]:
+    # The connection starts its thread at once: a test that patches the idle time lists
+    # its patching fixture first, so that it is set up before this one.
+    raw = sqlite3.connect(":memory:", check_same_thread=False)
+    # A role of its own, so that its worker thread's name tells it from other tests'.
+    yield Connection(raw, f"test-{next(_roles)}")
+    raw.close()
+
+
+@pytest.fixture
+def short_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker threads end after 10 ms without a call."""
+    monkeypatch.setattr(_sqlite_connection, "_WORKER_IDLE_S", 0.01)
+
+
+def _workers(connection: Connection) -> list[threading.Thread]:
+    name = f"trio_es sqlite {connection.role}"
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def _ident(_: sqlite3.Connection, __: Interrupt) -> int:
+    return threading.get_ident()
+
+
+async def test_a_connections_calls_run_on_one_thread_of_its_own(connection: Connection) -> None:
+    """Every call of one connection runs on the same worker thread, not the Trio thread."""
+    idents = {await connection.run(_ident) for _ in range(20)}
+    assert len(idents) == 1
+    assert threading.get_ident() not in idents
+    assert len(_workers(connection)) == 1
+
+
+async def test_a_connection_starts_its_thread_when_made() -> None:
+    """The thread is there before the first call, so that call does not wait for it."""
+    raw = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        connection = Connection(raw, f"test-{next(_roles)}")
+        assert len(_workers(connection)) == 1
+    finally:
+        raw.close()
+
+
+async def test_an_idle_worker_thread_ends_and_the_next_call_starts_one(
+    short_idle: None, connection: Connection
+) -> None:
+    """A worker idle for its idle time ends; a later call gets a new thread and works."""
+    first = await connection.run(_ident)
+    with trio.fail_after(5):
+        while _workers(connection):  # noqa: ASYNC110 - a thread ending sets no trio.Event
+            await trio.sleep(0.01)
+    second = await connection.run(_ident)
+    assert second != threading.get_ident()
+    assert first != threading.get_ident()
+
+
+async def test_calls_racing_the_idle_end_of_the_thread_all_run(
+    monkeypatch: pytest.MonkeyPatch, connection: Connection
+) -> None:
+    """A call handed in while the thread decides to end is still run (no lost call, no hang)."""
+    monkeypatch.setattr(_sqlite_connection, "_WORKER_IDLE_S", 0.00001)
+    await connection.run(_ident)  # the first thread waited 10 s: let it see the new value
+    await trio.sleep(0.02)
+    with trio.fail_after(30):
+        for i in range(500):
+
+            def select(raw: sqlite3.Connection, _: Interrupt, i: int = i) -> int:
+                return int(raw.execute("SELECT ?", (i,)).fetchone()[0])
+
+            assert await connection.run(select) == i
+            if i % 50 == 0:
+                await trio.sleep(0.001)
+
+
+async def test_a_failing_call_reaches_its_caller_and_the_thread_goes_on(
+    connection: Connection,
+) -> None:
+    """An exception in a call is raised to its caller; the next call runs on the same thread."""
+    before = await connection.run(_ident)
+
+    def fail(_: sqlite3.Connection, __: Interrupt) -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await connection.run(fail)
+    assert await connection.run(_ident) == before
