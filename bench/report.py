@@ -342,22 +342,15 @@ class Report:
                     at_least=False,
                     show=lambda v: f"{v:.2f} ms",
                 )
-        for store in stores:
-            add(
-                f"R1 {store}: cold load without snapshots vs the peer",
-                ratio("R1", store, "load_ms", higher=False),
-                1.0,
-                at_least=True,
-                show=times,
-            )
-        for store in stores:
-            add(
-                f"R1 {store}: cold load with snapshots vs the peer",
-                ratio("R1s", store, "load_ms", higher=False),
-                1.0,
-                at_least=True,
-                show=times,
-            )
+        for workload, kind in (("R1", "without snapshots"), ("R1s", "with snapshots")):
+            for store in stores:
+                add(
+                    f"R1 {store}: cold load {kind} vs the peer",
+                    ratio(workload, store, "load_ms", higher=False),
+                    1.0,
+                    at_least=True,
+                    show=times,
+                )
         if "S1" in self.trials:
             n = f"{self.settings.sizes.s1_aggregates:,}"
             add(

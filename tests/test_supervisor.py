@@ -8,7 +8,7 @@ import logging
 import pickle
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -176,20 +176,29 @@ async def test_shutdown_moves_on_from_a_child_that_ignores_cancellation(
     assert "'b' ignored cancellation for 2 s" in record.getMessage()
 
 
+def _slow_to_stop(
+    seconds: float, stopped: list[float]
+) -> Callable[[trio.TaskStatus[None]], Awaitable[None]]:
+    """A child that, once cancelled, takes ``seconds`` to stop, then records when it stopped."""
+
+    async def child(task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(2 * seconds + 1, shield=True):
+                await trio.sleep(seconds)
+            stopped.append(trio.current_time())
+
+    return child
+
+
 async def test_dynamic_stops_its_children_together_each_with_its_grace(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """1,000 children that each need 0.5 s to stop are stopped together, in 0.5 s, unlogged."""
     stopped: list[float] = []
-
-    async def slow_to_stop(task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.move_on_after(1, shield=True):
-                await trio.sleep(0.5)
-            stopped.append(trio.current_time())
-
+    slow_to_stop = _slow_to_stop(0.5, stopped)
     sup = DynamicSupervisor(shutdown_grace=1, name="dyn")
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
@@ -234,16 +243,7 @@ async def test_a_nested_supervisor_is_not_timed_by_its_parents_grace(
 ) -> None:
     """A supervisor child stops its children within its own grace; its parent waits, unlogged."""
     stopped: list[float] = []
-
-    async def slow_to_stop(task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.move_on_after(5, shield=True):
-                await trio.sleep(2)
-            stopped.append(trio.current_time())
-
+    slow_to_stop = _slow_to_stop(2, stopped)
     inner = DynamicSupervisor(shutdown_grace=3, name="inner")
 
     async def run_inner(task_status: trio.TaskStatus[None]) -> None:
