@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +32,7 @@ from trio_es._store import Lease, ProjectionSource, Watch, committed_envelopes
 from trio_es.postgres_store import PostgresStore
 from trio_es.testing import Added, Counter, conformance_transcoder
 
-from . import _pg
+from . import _pg, _takeover
 
 pytestmark = pytest.mark.postgres
 
@@ -522,22 +521,9 @@ async def test_takeover_after_the_holding_process_is_killed(postgres_dsn: str) -
     )
     async with _open(postgres_dsn, takeover_interval=0.2) as store, trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(holder)
-        assert process.stdout is not None
-        with trio.fail_after(30):
-            output = b""
-            while b"held" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, "the holder process ended early"
-                output += chunk
-        with trio.move_on_after(0.5) as waited:
-            async with store.projection_lease("balances"):
-                pytest.fail("took the lease from a live holder")  # pragma: no cover
-        assert waited.cancelled_caught
-        process.send_signal(signal.SIGKILL)
-        with trio.fail_after(10):
-            async with store.projection_lease("balances") as lease:
-                assert await lease.checkpoint() == 7
-        assert await process.wait() == -signal.SIGKILL
+        await _takeover.assert_taken_over_after_the_holder_is_killed(
+            store, process, start_within=30
+        )
 
 
 # -- checkpoints on the lease's connection --

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from trio_es._sqlite_store import _Commit
 from trio_es._store import committed_envelopes
 from trio_es.sqlite_store import SqliteStore
 from trio_es.testing import Added, Counter, conformance_transcoder
+
+from . import _takeover
 
 # A lease holder in another process: takes the lease, moves the checkpoint to 7, says so,
 # and holds on until it is killed.
@@ -148,23 +149,9 @@ async def test_lease_excludes_another_process_until_it_is_killed(tmp_path: Path)
             functools.partial(trio.run_process, command, stdout=subprocess.PIPE, check=False)
         )
         try:
-            assert holder.stdout is not None
-            with trio.fail_after(20):
-                said = b""
-                while b"held\n" not in said:
-                    chunk = await holder.stdout.receive_some()
-                    assert chunk, "the holder process ended before it held the lease"
-                    said += chunk
-            with trio.move_on_after(0.5) as scope:
-                async with store.projection_lease("balances"):
-                    pytest.fail("took a lease another process holds")  # pragma: no cover
-            assert scope.cancelled_caught
-            holder.send_signal(signal.SIGKILL)
-            with trio.fail_after(10):
-                async with store.projection_lease("balances") as lease:
-                    assert await lease.checkpoint() == 7
-                    await lease.advance(7, 8)
-            assert await holder.wait() == -signal.SIGKILL
+            await _takeover.assert_taken_over_after_the_holder_is_killed(
+                store, holder, start_within=20
+            )
         finally:
             holder.kill()
 

@@ -152,20 +152,14 @@ async def test_shutdown_moves_on_from_a_child_that_ignores_cancellation(
     """A child still running after shutdown_grace is logged and skipped, yet still awaited."""
     stopped: dict[str, float] = {}
 
-    async def stubborn(name: str, linger: float, task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        try:
-            await trio.sleep_forever()
-        finally:
-            # Ignores its cancellation for `linger` seconds.
-            with trio.move_on_after(linger + 1, shield=True):
-                await trio.sleep(linger)
-            stopped[name] = trio.current_time()
+    def stubborn(name: str, linger: float) -> Callable[[trio.TaskStatus[None]], Awaitable[None]]:
+        # Ignores its cancellation for `linger` seconds.
+        return _slow_to_stop(linger, functools.partial(stopped.__setitem__, name))
 
     sup = StaticSupervisor(shutdown_grace=2, name="sup")
-    sup.add(worker(functools.partial(stubborn, "a", 0), name="a"))
-    sup.add(worker(functools.partial(stubborn, "b", 10), name="b"))
-    sup.add(worker(functools.partial(stubborn, "c", 0), name="c"))
+    sup.add(worker(stubborn("a", 0), name="a"))
+    sup.add(worker(stubborn("b", 10), name="b"))
+    sup.add(worker(stubborn("c", 0), name="c"))
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         nursery.cancel_scope.cancel()
@@ -177,9 +171,9 @@ async def test_shutdown_moves_on_from_a_child_that_ignores_cancellation(
 
 
 def _slow_to_stop(
-    seconds: float, stopped: list[float]
+    seconds: float, stopped: Callable[[float], object]
 ) -> Callable[[trio.TaskStatus[None]], Awaitable[None]]:
-    """A child that, once cancelled, takes ``seconds`` to stop, then records when it stopped."""
+    """A child that, once cancelled, ignores it for ``seconds``, then tells ``stopped`` when."""
 
     async def child(task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -188,7 +182,7 @@ def _slow_to_stop(
         finally:
             with trio.move_on_after(2 * seconds + 1, shield=True):
                 await trio.sleep(seconds)
-            stopped.append(trio.current_time())
+            stopped(trio.current_time())
 
     return child
 
@@ -198,7 +192,7 @@ async def test_dynamic_stops_its_children_together_each_with_its_grace(
 ) -> None:
     """1,000 children that each need 0.5 s to stop are stopped together, in 0.5 s, unlogged."""
     stopped: list[float] = []
-    slow_to_stop = _slow_to_stop(0.5, stopped)
+    slow_to_stop = _slow_to_stop(0.5, stopped.append)
     sup = DynamicSupervisor(shutdown_grace=1, name="dyn")
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
@@ -217,20 +211,16 @@ async def test_dynamic_shutdown_reports_and_leaves_behind_a_child_that_ignores_c
     """Among many children, the one still running after the grace is logged, yet awaited."""
     stopped: dict[str, float] = {}
 
-    async def stubborn(name: str, linger: float, task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.move_on_after(linger + 1, shield=True):
-                await trio.sleep(linger)
-            stopped[name] = trio.current_time()
+    def stubborn(name: str, linger: float) -> Callable[[trio.TaskStatus[None]], Awaitable[None]]:
+        # Ignores its cancellation for `linger` seconds.
+        return _slow_to_stop(linger, functools.partial(stopped.__setitem__, name))
 
     sup = DynamicSupervisor(shutdown_grace=2, name="dyn")
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         for i in range(100):
-            sup.start_child(worker(functools.partial(stubborn, f"c{i}", 0), name=f"c{i}"))
-        sup.start_child(worker(functools.partial(stubborn, "late", 10), name="late"))
+            sup.start_child(worker(stubborn(f"c{i}", 0), name=f"c{i}"))
+        sup.start_child(worker(stubborn("late", 10), name="late"))
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert stopped == {**{f"c{i}": 0 for i in range(100)}, "late": 10}
@@ -243,7 +233,7 @@ async def test_a_nested_supervisor_is_not_timed_by_its_parents_grace(
 ) -> None:
     """A supervisor child stops its children within its own grace; its parent waits, unlogged."""
     stopped: list[float] = []
-    slow_to_stop = _slow_to_stop(2, stopped)
+    slow_to_stop = _slow_to_stop(2, stopped.append)
     inner = DynamicSupervisor(shutdown_grace=3, name="inner")
 
     async def run_inner(task_status: trio.TaskStatus[None]) -> None:

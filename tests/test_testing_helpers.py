@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
 from typing import Any, assert_type
 
 import attrs
@@ -14,10 +15,20 @@ import trio
 
 import trio_es
 from trio_es import Aggregate, DomainError, EventEnvelope, EventSourcing, open_eventsourcing
+from trio_es._types import Snapshot, utc_now
 from trio_es.memory_store import MemoryStore
-from trio_es.testing import Scenario, SystemUnderTest, open_test_system
+from trio_es.sqlite_store import SqliteStore
+from trio_es.testing import (
+    Added,
+    Counter,
+    FaultInjectingStore,
+    Scenario,
+    SystemUnderTest,
+    conformance_transcoder,
+    open_test_system,
+)
 
-from . import _counter
+from . import _counter, _loading
 
 
 @attrs.frozen
@@ -366,3 +377,24 @@ async def test_open_test_system_runs_projections() -> None:
         result = await system.es.execute("a", _counter.Append(("x", "y")))
         await system.es.wait_for_projection("seen", result.global_position)
     assert seen == [1, 2]
+
+
+async def test_the_fault_store_passes_the_one_call_cold_load_through(tmp_path: Path) -> None:
+    """A FaultInjectingStore over a SQL store loads snapshot and tail as the store does."""
+    async with SqliteStore.open(tmp_path / "s.db", transcoder=conformance_transcoder()) as inner:
+        await _loading.assert_snapshot_and_events_load_together(FaultInjectingStore(inner))
+
+
+async def test_the_fault_store_loads_snapshot_and_tail_from_any_store() -> None:
+    """Over a store without the one-call load, the fault store asks for snapshot then events."""
+    inner: MemoryStore[Any, Any] = MemoryStore()
+    store = FaultInjectingStore(inner)
+    async with store.transaction() as tx:
+        await store.commit_events(tx, Aggregate("acc", Counter(), 0), [Added(1), Added(2)], ())
+    async with store.transaction() as tx:
+        await store.save_snapshot(tx, Snapshot("acc", Counter(1), 1, utc_now()))
+    async with store.transaction() as tx:
+        snapshot, events = await store.load_snapshot_and_events(tx, "acc")
+    assert snapshot is not None
+    assert snapshot.sequence == 1
+    assert [(e.sequence, e.payload) for e in events] == [(2, Added(2))]

@@ -57,7 +57,7 @@ from ._errors import (
     MailboxFull,
     TransactionFailed,
 )
-from ._store import EventStore, committed_envelopes, events_iterator
+from ._store import EventStore, committed_envelopes, events_iterator, load_snapshot_and_events
 from ._subject import Subject
 from ._types import (
     Aggregate,
@@ -364,16 +364,10 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         store = shared.store
         snapshot: Snapshot[EntityT] | None = None
         async with store.transaction() as tx:
-            both = getattr(store, "load_snapshot_and_events", None)
-            if shared.snapshot_every is not None and both is not None:
-                # A SQL store reads both in one worker-thread call.
-                snapshot, loaded = await both(tx, self.aggregate_id)
+            if shared.snapshot_every is not None:
+                snapshot, loaded = await load_snapshot_and_events(store, tx, self.aggregate_id)
             else:
-                if shared.snapshot_every is not None:
-                    snapshot = await store.load_snapshot(tx, self.aggregate_id)
-                loaded = await store.load_events(
-                    tx, self.aggregate_id, 0 if snapshot is None else snapshot.sequence
-                )
+                loaded = await store.load_events(tx, self.aggregate_id, 0)
             start = 0 if snapshot is None else snapshot.sequence
             events = list(loaded)
         _check_contiguous(self.aggregate_id, start, events)

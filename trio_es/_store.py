@@ -29,6 +29,7 @@ from ._types import (
 from ._validated import check_int
 
 __all__ = [
+    "load_snapshot_and_events",
     "placed",
     "EventStore",
     "Lease",
@@ -309,3 +310,24 @@ class ProjectionSource(Protocol[EventT]):
         process dies. The lease ends when the block exits.
         """
         ...
+
+
+async def load_snapshot_and_events(
+    store: Any, tx: Any, aggregate_id: str
+) -> tuple[Snapshot[Any] | None, Sequence[EventEnvelope[Any]]]:
+    """``store``'s latest snapshot of the aggregate and the events after it.
+
+    A store of this package's SQL kind reads both in one worker-thread call (its own
+    ``load_snapshot_and_events``); any other store is asked with ``load_snapshot`` then
+    ``load_events``. Wrappers of stores (the testing ones) pass this through, so that
+    the runtime takes the same path through them as without them.
+    """
+    both = getattr(store, "load_snapshot_and_events", None)
+    if both is not None:
+        result: tuple[Snapshot[Any] | None, Sequence[EventEnvelope[Any]]] = await both(
+            tx, aggregate_id
+        )
+        return result
+    snapshot = await store.load_snapshot(tx, aggregate_id)
+    start = 0 if snapshot is None else snapshot.sequence
+    return snapshot, await store.load_events(tx, aggregate_id, start)

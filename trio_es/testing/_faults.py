@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from .._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError
-from .._store import EventStore
+from .._store import EventStore, load_snapshot_and_events
 from .._types import Aggregate, EventEnvelope, Metadata, Snapshot
 
 __all__ = ["Fault", "FaultInjectingStore", "FaultKind", "InjectedFault"]
@@ -226,6 +226,12 @@ class FaultInjectingStore(Generic[TxT, EventT, EntityT]):
         self, tx: FaultTransaction[TxT], aggregate_id: str
     ) -> Snapshot[EntityT] | None:
         return await self.inner.load_snapshot(tx.inner, aggregate_id)
+
+    async def load_snapshot_and_events(
+        self, tx: FaultTransaction[TxT], aggregate_id: str
+    ) -> tuple[Snapshot[EntityT] | None, Sequence[EventEnvelope[EventT]]]:
+        """The inner store's, in one call where it has one (see ``load_snapshot_and_events``)."""
+        return await load_snapshot_and_events(self.inner, tx.inner, aggregate_id)
 
     async def save_snapshot(self, tx: FaultTransaction[TxT], snapshot: Snapshot[EntityT]) -> None:
         await self.inner.save_snapshot(tx.inner, snapshot)

@@ -60,7 +60,7 @@ from .._errors import (
 from .._projection import Projection
 from .._runtime import RuntimeOptions
 from .._serialization import Transcoder
-from .._store import EventStore
+from .._store import EventStore, load_snapshot_and_events
 from .._subject import new_name
 from .._types import Aggregate, AggregateStats, ExecuteResult, Snapshot, SnapshotConfig, SystemStats
 from .._validated import Frequency
@@ -1111,6 +1111,10 @@ class _ClockHoldingStore:
     async def load_snapshot(self, tx: Any, aggregate_id: str) -> Any:
         with _clock_held():
             return await self.inner.load_snapshot(tx, aggregate_id)
+
+    async def load_snapshot_and_events(self, tx: Any, aggregate_id: str) -> Any:
+        with _clock_held():
+            return await load_snapshot_and_events(self.inner, tx, aggregate_id)
 
     async def save_snapshot(self, tx: Any, snapshot: Snapshot[Any]) -> None:
         with _clock_held():
