@@ -11,9 +11,11 @@ a unique ``(aggregate_type, aggregate_id, sequence)``), written by plain ``sqlit
   gather from the same number of concurrent callers as W3;
 - **one row per transaction from Trio**: the same single-row transactions issued by a
   Trio program that keeps the rule trio_es keeps (a blocking database call never runs on
-  the Trio thread): each is handed to one long-lived worker thread through a queue and
-  awaited, the cheapest hop there is (no library code, see :class:`_Hop`). This bounds
-  what any Trio store can do for one caller awaiting each command (W1, W2).
+  the Trio thread). SQLite: each is handed to one long-lived worker thread through a
+  queue and awaited, the cheapest hop there is (no library code, see :class:`_Hop`).
+  PostgreSQL: libpq's non-blocking calls on the Trio thread, no thread at all (what
+  trio_es's PostgreSQL store does). This bounds what any Trio store can do for one caller
+  awaiting each command (W1, W2).
 
 And for every store, the **Trio command round trip**: a bare-Trio caller sends a command to
 a task that owns it and waits for the reply, with the machinery trio_es's guarantees need
@@ -226,22 +228,51 @@ def sqlite_floor_from_trio(path: str, count: int) -> float:
 
 
 def postgres_floor_from_trio(dsn: str, count: int) -> float:
-    """:func:`postgres_floor` with one row per transaction, each awaited from Trio via a hop."""
+    """:func:`postgres_floor` with one row per transaction, each awaited from Trio.
+
+    The way a Trio program reaches PostgreSQL without any thread: libpq's non-blocking
+    calls (``psycopg.pq``, a prepared INSERT in autocommit, one round trip) on the Trio
+    thread, waiting for the socket with ``trio.lowlevel.wait_readable``. Parameters are
+    sent as text.
+    """
     import psycopg
+    from psycopg import pq
 
     insert = (
         f"INSERT INTO floor_events ({_COLUMNS})"
-        " VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s)"
-    )
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)"
+    ).encode()
     connection: Any
     with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as connection:
         connection.execute(_POSTGRES_DDL)
-        cursor = connection.cursor()
+        pgconn = connection.pgconn
+        pgconn.nonblocking = 1
 
-        def commit_one(row: Row) -> None:
-            cursor.execute(insert, row, prepare=True)  # autocommit: one round trip
+        async def round_trip() -> list[Any]:
+            while pgconn.flush():
+                await trio.lowlevel.wait_writable(pgconn.socket)
+            results: list[Any] = []
+            while True:
+                pgconn.consume_input()
+                while not pgconn.is_busy():
+                    result = pgconn.get_result()
+                    if result is None:
+                        return results
+                    results.append(result)
+                await trio.lowlevel.wait_readable(pgconn.socket)
 
-        rate = _from_trio(count, commit_one)
+        async def main() -> float:
+            pgconn.send_prepare(b"floor_insert", insert)
+            await round_trip()
+            started = time.perf_counter()
+            for row in rows(count):
+                pgconn.send_query_prepared(b"floor_insert", [str(v).encode() for v in row])
+                [result] = await round_trip()
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    raise AssertionError(f"the floor insert failed: {result.error_message!r}")
+            return count / (time.perf_counter() - started)
+
+        rate = trio.run(main)
         row = connection.execute("SELECT count(*) FROM floor_events").fetchone()
         connection.execute("DROP TABLE floor_events")
     stored = row[0] if row else 0

@@ -38,6 +38,7 @@ from .workloads import CatchUp, Plan, c1_catch_up, r1_account, w1_plan, w2_plan,
 
 #: Floor methods beyond the raw inserts (see :mod:`bench.floor`).
 FROM_TRIO: Final = "1 row/tx from Trio via a worker thread"
+FROM_TRIO_WIRE: Final = "1 row/tx from Trio, non-blocking libpq (no thread)"
 ROUND_TRIP: Final = "Trio command round trip (no store)"
 
 __all__ = ["run"]
@@ -325,7 +326,10 @@ class _Run:
         if store != "memory":
             methods["1 row/tx"] = (sizes.floor_single_rows, 1)
             methods[f"{sizes.floor_batch} rows/tx"] = (sizes.floor_batched_rows, sizes.floor_batch)
-            methods[FROM_TRIO] = (sizes.floor_single_rows, 1)
+            methods[FROM_TRIO if store == "sqlite" else FROM_TRIO_WIRE] = (
+                sizes.floor_single_rows,
+                1,
+            )
         else:
             methods[ROUND_TRIP] = (sizes.floor_round_trips, 0)
         for round_ in range(sizes.rounds):
@@ -351,7 +355,7 @@ class _Run:
                         dsn = location.postgres_dsn
                         rate = (
                             floor.postgres_floor_from_trio(dsn, count)
-                            if method == FROM_TRIO
+                            if method == FROM_TRIO_WIRE
                             else floor.postgres_floor(dsn, count, batch)
                         )
                 finally:

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import os
 import secrets
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ import psycopg
 import pytest
 import trio
 from psycopg import sql
+
+import trio_es._postgres_store as pg_module
+from trio_es._sql import EventRow
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 _PREFIX = "trio_es_test_"
@@ -250,3 +254,30 @@ class FaultInjectingProxy:
                 await trio.sleep_forever()
             finally:
                 self._connections.discard(nursery.cancel_scope)
+
+
+def commit_plan(store: Any, expected: dict[str, int], events: dict[str, int]) -> Any:
+    """A commit plan expecting ``expected`` and appending ``events[id]`` events to each id."""
+    rows = [
+        EventRow(
+            aggregate_id,
+            sequence,
+            "conformance.Added",
+            1,
+            f'{{"amount": {sequence}}}',
+            "[]",
+            uuid.uuid4(),
+        )
+        for aggregate_id, count in events.items()
+        for sequence in range(expected[aggregate_id] + 1, expected[aggregate_id] + count + 1)
+    ]
+    return pg_module._Commit(
+        store._statements,
+        "default",
+        store._lock_key,
+        expected,
+        rows,
+        [],
+        store._channel,
+        store._notify,
+    )

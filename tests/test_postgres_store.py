@@ -648,31 +648,7 @@ async def _counting_round_trips(dsn: str) -> AsyncIterator[tuple[_RoundTripCount
         nursery.cancel_scope.cancel()
 
 
-def _plan(store: Any, expected: dict[str, int], events: dict[str, int]) -> Any:
-    """A commit plan expecting ``expected`` and appending ``events[id]`` events to each id."""
-    rows = [
-        EventRow(
-            aggregate_id,
-            sequence,
-            "conformance.Added",
-            1,
-            f'{{"amount": {sequence}}}',
-            "[]",
-            uuid.uuid4(),
-        )
-        for aggregate_id, count in events.items()
-        for sequence in range(expected[aggregate_id] + 1, expected[aggregate_id] + count + 1)
-    ]
-    return pg_module._Commit(
-        store._statements,
-        "default",
-        store._lock_key,
-        expected,
-        rows,
-        [],
-        store._channel,
-        store._notify,
-    )
+_plan = _pg.commit_plan
 
 
 async def _commit_together(store: Any, writes: list[tuple[str, int, list[Any]]]) -> None:

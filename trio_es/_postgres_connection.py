@@ -1,25 +1,33 @@
-"""PostgreSQL connections for the store, its listeners and its leases: one thread at a time.
+"""PostgreSQL connections for the store, its listeners and its leases: one user at a time.
 
-psycopg 3 connections are blocking, so every database call runs in a worker thread
-(``trio.to_thread.run_sync``). Each :class:`PooledConnection` has its own
-``CapacityLimiter(1)``: at most one thread ever uses it, and a task that takes a
-connection whose previous (cancelled) call is still finishing waits for that thread
-first.
+A connection is used in one of two ways, never both at once:
 
-Cancellation: a cancelled call asks the server to cancel the running statement
-(``Connection.cancel_safe``), lets the thread finish and roll back, and only then lets
-``trio.Cancelled`` through, with the connection idle. The store's pool, the LISTEN
-connection of a watch and the connection holding a projection lease all go through
-this one mechanism.
+* The hot path (commits, loads) runs from the Trio thread: :meth:`PooledConnection.exchange`
+  pipelines statements through libpq's non-blocking calls (``_postgres_wire.py``), with
+  no thread hop.
+* Everything else (setup, the rare commit shapes, lookups after a lost commit, LISTEN,
+  leases) runs blocking psycopg code in a worker thread (``trio.to_thread.run_sync``).
+
+Each :class:`PooledConnection` has its own ``CapacityLimiter(1)`` that both ways take:
+at most one task or thread ever uses it, and a task that takes a connection whose
+previous (cancelled) thread call is still finishing waits for that thread first.
+
+Cancellation, either way: the server is asked to cancel the running statement
+(``Connection.cancel_safe``), the call is let finish and roll back, and only then does
+``trio.Cancelled`` propagate, with the connection idle; a call that does not stop within
+``CLEANUP_SECONDS`` has its connection dropped. The store's pool, the LISTEN connection
+of a watch and the connection holding a projection lease all go through this one
+mechanism.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -27,8 +35,10 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
+from psycopg.pq.abc import PGresult
 
 from ._errors import EventStoreError, TransactionFailed
+from ._postgres_wire import ROLLBACK, Query, Session, exchange, finish
 
 __all__ = [
     "CLEANUP_SECONDS",
@@ -123,6 +133,8 @@ class PooledConnection:
     lock: threading.Lock = attrs.Factory(threading.Lock)
     busy: bool = False
     discarded: bool = False
+    #: The state :meth:`exchange` keeps (made on first use).
+    session: Session | None = None
 
     def usable(self) -> bool:
         """Whether the connection can go back to the pool: open, idle, not given up on."""
@@ -211,6 +223,81 @@ class PooledConnection:
                 self.discard()
             raise
 
+    async def exchange(
+        self, statements: Sequence[tuple[Query, Sequence[object]]]
+    ) -> list[PGresult]:
+        """Run ``statements`` in one pipeline from the Trio thread (no worker thread).
+
+        See :func:`._postgres_wire.exchange`. It waits first for a previous call's
+        thread that is still finishing (after a cancellation). A statement's own error
+        leaves the connection usable (idle, or in a failed transaction that ``usable``
+        reports and the pool does not reuse); anything else that interrupts the exchange
+        (cancellation included) discards the connection at once: its session's state is
+        unknown, and a COMMIT sent in it may or may not land, as when a connection is lost.
+        """
+        async with self.limiter:
+            if self.session is None:
+                self.session = Session(self.raw)
+            session = self.session
+            with self.lock:
+                self.busy = True
+            try:
+                return await exchange(session, statements)
+            except BaseException as error:
+                if session.broken and not isinstance(error, Exception):
+                    # Cancelled (or interrupted) mid-exchange: as ``run`` does, have the
+                    # server stop and roll back, so the connection is idle for the next user.
+                    with trio.move_on_after(CLEANUP_SECONDS, shield=True) as scope:
+                        await self._settle(session)
+                    if scope.cancelled_caught:
+                        logger.warning(
+                            "a cancelled PostgreSQL call did not stop; dropping its connection"
+                        )
+                raise
+            finally:
+                with self.lock:
+                    self.busy = False
+                    if session.broken:
+                        self.discarded = True
+                    close = self.discarded
+                if close:
+                    with contextlib.suppress(OSError, ValueError):
+                        trio.lowlevel.notify_closing(self.raw.pgconn.socket)
+                    close_quietly(self.raw)
+
+    def rows(self, result: PGresult) -> list[tuple[Any, ...]]:
+        """The rows of a result of :meth:`exchange`, as a psycopg cursor returns them."""
+        assert self.session is not None
+        transformer = self.session.transformer
+        transformer.set_pgresult(result)
+        return transformer.load_rows(0, result.ntuples, tuple)
+
+    async def _settle(self, session: Session) -> None:
+        """End an interrupted exchange: cancel what runs, read to the end, roll back.
+
+        Leaves ``session.broken`` set unless the connection ended up idle.
+        """
+        try:
+            while True:
+                # A statement may wait (for a lock) indefinitely: ask the server to cancel
+                # it, again while the results do not come, as ``_stop`` does.
+                await trio.to_thread.run_sync(self._cancel_statement, abandon_on_cancel=True)
+                with trio.move_on_after(CANCEL_RETRY_SECONDS):
+                    await finish(session)
+                    break
+            # A cancel request that arrives late can hit the ROLLBACK itself; try twice.
+            for _ in range(2):
+                if self.raw.info.transaction_status == TransactionStatus.IDLE:
+                    return
+                with contextlib.suppress(psycopg.Error):
+                    await exchange(session, [(ROLLBACK, ())])
+        except psycopg.Error as error:
+            logger.info("could not end a cancelled PostgreSQL call: %s", first_line(error))
+        finally:
+            session.broken = session.broken or (
+                self.raw.info.transaction_status != TransactionStatus.IDLE
+            )
+
     async def _stop(self, call: Call) -> None:
         with call.lock:
             call.interrupted = True
@@ -260,6 +347,10 @@ class Handoff:
             autocommit=True,
             **{key: value for key, value in defaults.items() if key not in params},
         )
+        # psycopg's own statement cache answers a ROLLBACK with DEALLOCATE ALL, which
+        # would drop the statements the wire path prepared (``_postgres_wire.Session``);
+        # the wire path prepares the hot statements itself.
+        raw.prepare_threshold = None
         try:
             # Who this session is, so that after a lost commit the store can end exactly
             # this session (not a later one that got its pid) before looking it up.

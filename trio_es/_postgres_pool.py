@@ -23,6 +23,7 @@ Semantics the store relies on:
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar, final
 
 import attrs
@@ -94,6 +95,14 @@ class Pool:
             TransactionFailed: no connection could be made.
             SessionAbandoned: as ``fn`` raised it (its connection is closed).
         """
+        return await self.use(lambda conn: conn.run(fn))
+
+    async def use(self, use: Callable[[PooledConnection], Awaitable[T]]) -> T:
+        """``await use(connection)`` with a pooled connection; as :meth:`run`, for any call.
+
+        ``use`` may call the connection's ``run`` (a worker thread) and ``exchange``
+        (the Trio thread) as it needs; the same retry and discard rules apply.
+        """
         if self._closed:
             raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
         async with self._slots:
@@ -104,7 +113,7 @@ class Pool:
                 attempts += 1
                 conn = self._idle.pop() if self._idle else await connect(self.conninfo)
                 try:
-                    return await conn.run(fn)
+                    return await use(conn)
                 except SessionAbandoned:
                     # Never reused: the store is about to end this very session, and must
                     # not be handed it for the lookup.

@@ -59,9 +59,9 @@ import logging
 import re
 import select
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 import outcome
@@ -69,6 +69,7 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg.pq import TransactionStatus
+from psycopg.pq.abc import PGresult
 
 from ._errors import CommitOutcomeUnknown, ConcurrencyConflict, EventStoreError, TransactionFailed
 from ._group_commit import GroupCommit
@@ -78,6 +79,7 @@ from ._postgres_connection import (
     Call,
     CallFn,
     Connection,
+    PooledConnection,
     close_quietly,
     describe_server,
     first_line,
@@ -86,19 +88,15 @@ from ._postgres_connection import (
 from ._postgres_lease import PostgresLease, check_projection_name, hold_lease
 from ._postgres_listen import PostgresWatch, open_watch
 from ._postgres_pool import Pool, SessionAbandoned
+from ._postgres_wire import BEGIN, COMMIT, ROLLBACK, Query
 from ._serialization import Transcoder
 from ._sql import (
     SCHEMA_VERSION,
     Dialect,
     EventRow,
-    PendingWrites,
     Queryable,
     SnapshotRow,
-    SqlReads,
-    SqlTransaction,
     Statements,
-    StoredEvent,
-    TransactionBlock,
     check_aggregate_type,
     check_existing_tables,
     check_schema_version,
@@ -108,11 +106,17 @@ from ._sql import (
     max_sequence,
     notify_channel,
     parse_utc,
-    pending_writes,
+)
+from ._sql_store import (
+    PendingWrites,
+    SqlReads,
+    SqlStoreShell,
+    SqlTransaction,
+    TransactionBlock,
     translate_outcomes,
 )
 from ._trio_util import AsyncValue, async_value
-from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+from ._types import Metadata, utc_now
 from ._validated import check_int, check_seconds
 from ._watch import raise_head
 
@@ -445,6 +449,80 @@ def _commit(
             return _refused(raw, call, plans, error, checked=check_first)
         raise
     return _with_recorded(results, accepted, positions, recorded_at)
+
+
+async def _commit_wire(
+    conn: PooledConnection, plans: list[_Commit]
+) -> list[outcome.Outcome[_Recorded]]:
+    """:func:`_commit` in one round trip from the Trio thread, with no worker thread.
+
+    The same statements as :func:`_commit`'s one-round-trip case go out as one pipeline
+    through :meth:`PooledConnection.exchange`, with the same outcomes and errors. The
+    rare paths (a plan expecting a sequence it writes no event to, a refused row) are
+    handed to :func:`_commit` and :func:`_refused` in a worker thread, after this
+    transaction was rolled back: they are not worth a second implementation.
+    """
+    if any(_unchecked_expectation(plan) for plan in plans):
+        checked: list[outcome.Outcome[_Recorded]] = await conn.run(
+            lambda raw, call: _commit(raw, call, plans)
+        )
+        return checked
+    raw = conn.raw
+    _refuse_if_closed_while_idle(raw)
+    first = plans[0]
+    statements, aggregate_type = first.statements, first.aggregate_type
+    sent: list[tuple[Query, Sequence[object]]] = [(BEGIN, ())]
+    upsert = _wire_query(statements.upsert_snapshot)
+    for plan in plans:
+        sent.extend(
+            (upsert, row.parameters(aggregate_type, row.recorded_at)) for row in plan.snapshots
+        )
+    recorded_at = utc_now()
+    events = [row for plan in plans for row in plan.events]
+    first_insert = len(sent) + 1
+    if events:
+        sent.append((_LOCK, (first.lock_key,)))
+        insert = _wire_query(_insert_after(statements.events_table_key))
+        sent.extend(
+            (insert, _insert_after_parameters(row, aggregate_type, recorded_at)) for row in events
+        )
+        if first.channel is not None and first.notify is not None:
+            sent.append((_wire_query(first.notify), (first.channel,)))
+    sent.append((COMMIT, ()))
+    try:
+        results = await conn.exchange(sent)
+    except psycopg.Error as error:
+        if not _rolled_back(error):
+            # The COMMIT went out with everything else: it may have been done, so the
+            # store must find out instead of sending the plans again.
+            raise _CommitOutcomeUnknown(
+                first_line(error), plans, [outcome.Value(None) for _ in plans], conn.backend
+            ) from error
+        # A statement's error aborted the transaction before COMMIT: nothing landed.
+        await conn.exchange([(ROLLBACK, ())])
+        refusal = error
+        if _is_check_refusal(refusal) or isinstance(
+            refusal, psycopg.errors.UniqueViolation | psycopg.errors.ProgramLimitExceeded
+        ):
+            refused: list[outcome.Outcome[_Recorded]] = await conn.run(
+                lambda raw, call: _refused(raw, call, plans, refusal, checked=False)
+            )
+            return refused
+        raise
+    positions = [_position(result) for result in results[first_insert : first_insert + len(events)]]
+    return _with_recorded([outcome.Value(None) for _ in plans], plans, positions, recorded_at)
+
+
+def _position(result: PGresult) -> int:
+    value = result.get_value(0, 0) if result.ntuples else None
+    if value is None:  # pragma: no cover - INSERT ... RETURNING returns its row
+        raise EventStoreError("PostgreSQL returned no position for an inserted event")
+    return int(value)
+
+
+_LOCK: Final = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
+#: The prepared form of each statement the wire commit sends.
+_wire_query: Final = functools.cache(Query.of)
 
 
 def _refuse_if_closed_while_idle(raw: Connection) -> None:
@@ -798,7 +876,7 @@ class PostgresTransaction(SqlTransaction[EventT, EntityT]):
 
 @final
 @attrs.define(eq=False)
-class PostgresStore(Generic[EventT, EntityT]):
+class PostgresStore(SqlStoreShell[PostgresTransaction[EventT, EntityT], EventT, EntityT]):
     """An event store in a PostgreSQL database; open it with :meth:`PostgresStore.open`.
 
     Any number of stores, in any number of processes and machines, may use the same
@@ -844,7 +922,9 @@ class PostgresStore(Generic[EventT, EntityT]):
         self._notify = _notify_statement(self._statements.events_table_key)
         self._head = async_value(0)
         self._group_commit = GroupCommit(self._commit_batch)
-        self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
+        self._reads = SqlReads(
+            self._statements, self.transcoder, self.aggregate_type, self._read, self._fetch
+        )
 
     @classmethod
     @asynccontextmanager
@@ -950,6 +1030,37 @@ class PostgresStore(Generic[EventT, EntityT]):
         except psycopg.Error as error:
             raise translate_error(error, doing=doing, server=self.server) from error
 
+    async def _use(self, use: Callable[[PooledConnection], Awaitable[T]], doing: str) -> T:
+        try:
+            return await self._pool.use(use)
+        except psycopg.Error as error:
+            raise translate_error(error, doing=doing, server=self.server) from error
+
+    async def _fetch(
+        self, sql: str, parameters: Sequence[object], doing: str
+    ) -> Sequence[Sequence[Any]]:
+        """The rows of one read statement, run from the Trio thread (see ``_postgres_wire``)."""
+        query = _wire_query(sql)
+
+        async def fetch(conn: PooledConnection) -> list[tuple[Any, ...]]:
+            [result] = await conn.exchange([(query, parameters)])
+            return conn.rows(result)
+
+        return await self._use(fetch, doing)
+
+    def _check_id(self, value: object, what: str) -> str:
+        return _check_key(value, what)
+
+    def _refuse(
+        self,
+        aggregate_id: str,
+        metadata: Metadata,
+        events: Sequence[EventRow],
+        snapshots: Sequence[SnapshotRow],
+    ) -> None:
+        _check_metadata(metadata, aggregate_id)
+        _check_rows(events, snapshots)
+
     async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
         return await self._run(lambda raw, _: fn(raw), doing)
 
@@ -975,16 +1086,13 @@ class PostgresStore(Generic[EventT, EntityT]):
                 ``_RESOLVE_SECONDS``); it may or may not be stored. Never retried.
             EventStoreError: PostgreSQL refused the data or failed; nothing was written.
         """
-        tx: PostgresTransaction[EventT, EntityT] = PostgresTransaction(
-            self, PendingWrites(self.transcoder, self.aggregate_type)
-        )
+        tx: PostgresTransaction[EventT, EntityT] = PostgresTransaction(self, self._pending())
         return TransactionBlock(tx, lambda pending: self._commit_writes(tx, pending))
 
     async def _commit_writes(
         self, tx: PostgresTransaction[EventT, EntityT], pending: PendingWrites[Any, Any]
     ) -> None:
         snapshots = pending.snapshot_rows()
-        _check_rows(pending.event_rows, snapshots)
         plan = _Commit(
             self._statements,
             self.aggregate_type,
@@ -1000,8 +1108,8 @@ class PostgresStore(Generic[EventT, EntityT]):
 
     async def _commit_batch(self, plans: list[_Commit]) -> list[outcome.Outcome[_Recorded]]:
         try:
-            results = await self._run(
-                lambda raw, call: _commit(raw, call, plans), "committing a transaction"
+            results = await self._use(
+                lambda conn: _commit_wire(conn, plans), "committing a transaction"
             )
         except _CommitOutcomeUnknown as unknown:
             results = await self._resolve(unknown)
@@ -1109,148 +1217,6 @@ class PostgresStore(Generic[EventT, EntityT]):
         )
         return None, {}
 
-    async def load_events(
-        self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str, start_from: int
-    ) -> list[SerializedEventEnvelope[EventT]]:
-        """The aggregate's events with ``sequence > start_from``, in sequence order.
-
-        Raises:
-            EventStoreError: a stored event cannot be decoded (the message names the
-                aggregate, sequence, type and version), the id cannot be stored in
-                PostgreSQL, or PostgreSQL failed.
-            TransactionFailed: the connection was lost.
-        """
-        return await self._reads.load_events(
-            pending_writes(tx, self), _check_key(aggregate_id, "aggregate_id"), start_from
-        )
-
-    async def load_snapshot_and_events(
-        self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str
-    ) -> tuple[Snapshot[EntityT] | None, list[SerializedEventEnvelope[EventT]]]:
-        """The latest snapshot and the events after it, read in one worker-thread call.
-
-        What :meth:`load_snapshot` then :meth:`load_events` after its sequence return, at
-        the cost of one thread hop instead of two; the runtime loads aggregates with it.
-
-        Raises:
-            EventStoreError: a stored event cannot be decoded, the id cannot be stored in
-                PostgreSQL, or PostgreSQL failed.
-            TransactionFailed: the connection was lost.
-        """
-        return await self._reads.load_snapshot_and_events(
-            pending_writes(tx, self), _check_key(aggregate_id, "aggregate_id")
-        )
-
-    async def commit_events(
-        self,
-        tx: PostgresTransaction[EventT, EntityT],
-        aggregate: Aggregate[EntityT],
-        events: Iterable[EventT],
-        metadata: Metadata,
-    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
-        """Encode ``events`` and buffer them after ``aggregate.sequence``.
-
-        ``events`` may be any iterable of events (a generator too); it is read once.
-        The sequence check happens when the transaction commits (in the same database
-        transaction as the write), so a conflict is raised when the block exits.
-
-        Raises:
-            TypeError: ``events`` is None, not iterable, or a str, bytes or mapping;
-                nothing is buffered for this call.
-            EventStoreError: an event or the metadata cannot be encoded or cannot be
-                held by PostgreSQL (a NUL character); nothing is buffered for this call,
-                and the transaction's other writes are kept.
-        """
-        pending = pending_writes(tx, self)
-        aggregate_id = _check_key(aggregate.aggregate_id, "aggregate_id")
-        _check_metadata(metadata, aggregate_id)
-        rows_before = len(pending.event_rows)
-        staged_before = pending.envelopes.get(aggregate_id)
-        envelopes_before = None if staged_before is None else len(staged_before)
-        result = pending.stage_events(aggregate, events, metadata)
-        try:
-            # Payloads can only be checked once encoded, so this call is unstaged again.
-            _check_rows(pending.event_rows[rows_before:], ())
-        except EventStoreError:
-            del pending.event_rows[rows_before:]
-            if envelopes_before is None:
-                pending.expected.pop(aggregate_id, None)
-                pending.envelopes.pop(aggregate_id, None)
-            else:
-                del pending.envelopes[aggregate_id][envelopes_before:]
-            raise
-        return result
-
-    async def load_snapshot(
-        self, tx: PostgresTransaction[EventT, EntityT], aggregate_id: str
-    ) -> Snapshot[EntityT] | None:
-        """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
-        return await self._reads.load_snapshot(
-            pending_writes(tx, self), _check_key(aggregate_id, "aggregate_id")
-        )
-
-    async def save_snapshot(
-        self, tx: PostgresTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
-    ) -> None:
-        """Encode ``snapshot`` and buffer it; it replaces the stored one on commit.
-
-        Raises:
-            EventStoreError: the entity cannot be encoded or held by PostgreSQL, or the
-                timestamp is naive.
-        """
-        pending = pending_writes(tx, self)
-        aggregate_id = _check_key(snapshot.aggregate_id, "aggregate_id")
-        previous = pending.snapshots.get(aggregate_id)
-        pending.stage_snapshot(snapshot)
-        try:
-            _check_rows((), (pending.snapshots[aggregate_id][0],))
-        except EventStoreError:
-            # Refused snapshots leave the transaction as it was.
-            if previous is None:
-                del pending.snapshots[aggregate_id]
-            else:
-                pending.snapshots[aggregate_id] = previous
-            raise
-
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000
-    ) -> list[StoredEvent[EventT]]:
-        """Up to ``limit`` events of this store's aggregate type after ``after_position``.
-
-        In ``global_position`` order, which is commit order: page through the whole log
-        by passing the last position seen. A reader that has seen position *p* never
-        later finds a new event at a position below *p*, however many processes write.
-        Not part of the ``EventStore`` protocol.
-
-        Why no event is skipped: PostgreSQL hands out identity values at INSERT time, so
-        without care a transaction could draw position 5, commit after another drew and
-        committed 6, and a reader that saw 6 would move past 5 forever. Here every
-        transaction that inserts events holds one advisory lock (per events table) from
-        just before its INSERT until its COMMIT, and PostgreSQL makes a commit visible
-        before it releases the transaction's locks. So if a reader's snapshot shows
-        position *p*, any committed position *q < p* was drawn (identity values rise
-        with time, cache 1) by a transaction that held the lock before *p*'s did and
-        therefore became visible before *p*'s transaction could even draw *p*: the
-        reader sees *q* too. Positions of rolled-back transactions stay unused gaps.
-        This holds for every writer that uses this store; a program that inserts into
-        the table directly must take the same lock.
-
-        Raises:
-            ValueError: ``after_position < 0`` or ``limit < 1``.
-            EventStoreError: a stored event cannot be decoded, or PostgreSQL failed.
-            TransactionFailed: the connection was lost.
-        """
-        return await self._reads.read_all(after_position, limit)
-
-    async def head_position(self) -> int:
-        """The ``global_position`` of this aggregate type's last committed event (0: none).
-
-        Raises:
-            EventStoreError: PostgreSQL failed.
-            TransactionFailed: the connection was lost.
-        """
-        return await self._reads.head_position()
-
     async def checkpoint_position(self, name: str) -> int:
         """Projection ``name``'s stored checkpoint (0 when it never ran), read without its lease.
 
@@ -1264,12 +1230,12 @@ class PostgresStore(Generic[EventT, EntityT]):
         """
         name = check_projection_name(name)
         key = (self._statements.events_table_key, self.aggregate_type, name)
-
-        def read(connection: Queryable) -> int:
-            rows = connection.execute(self._statements.select_checkpoint, key).fetchall()
-            return int(rows[0][0]) if rows else 0
-
-        return await self._read(read, f"reading the checkpoint of projection {name[:80]!r}")
+        rows = await self._fetch(
+            self._statements.select_checkpoint,
+            key,
+            f"reading the checkpoint of projection {name[:80]!r}",
+        )
+        return int(rows[0][0]) if rows else 0
 
     def watch(self) -> AbstractAsyncContextManager[PostgresWatch]:
         """Wake-ups for one subscriber while the block runs (see :class:`~trio_es._store.Watch`).

@@ -1,4 +1,6 @@
-"""What the SQL stores share: names, schema, statements, buffered writes and row decoding.
+"""What the SQL stores store: names, schema, statements, rows and their decoding.
+
+How a store's transactions and reads use them is in ``_sql_store.py``.
 
 Both the SQLite and the PostgreSQL store keep the same two tables (names configurable)
 and one bookkeeping table:
@@ -39,19 +41,17 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-import types
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Generic, Protocol, TypeVar, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol, final
 
 import attrs
-import outcome
 
 from ._errors import ConcurrencyConflict, EventStoreError
 from ._serialization import Transcoder
 from ._store import check_events as check_events
 from ._store import check_read_all as check_read_all
-from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot
+from ._types import SerializedEventEnvelope, Snapshot
 from ._types import StoredEvent as StoredEvent
 
 __all__ = [
@@ -63,12 +63,8 @@ __all__ = [
     "SNAPSHOT_COLUMNS",
     "Dialect",
     "EventRow",
-    "PendingWrites",
     "Queryable",
-    "RunRead",
     "SnapshotRow",
-    "SqlReads",
-    "SqlTransaction",
     "Statements",
     "StoredEvent",
     "check_aggregate_type",
@@ -86,17 +82,8 @@ __all__ = [
     "max_sequence",
     "notify_channel",
     "parse_utc",
-    "pending_writes",
-    "TransactionBlock",
-    "translate_outcomes",
     "utc_text",
 ]
-
-EventT = TypeVar("EventT")
-EntityT = TypeVar("EntityT")
-T = TypeVar("T")
-TxT = TypeVar("TxT", bound="SqlTransaction[Any, Any]")
-ErrorT = TypeVar("ErrorT", bound=Exception)
 
 logger: Final = logging.getLogger("trio_es.serialization")
 
@@ -526,156 +513,6 @@ class SnapshotRow:
         )
 
 
-@final
-@attrs.define(eq=False)
-class PendingWrites(Generic[EventT, EntityT]):
-    """The writes a SQL store transaction buffers until it commits, already encoded.
-
-    Encoding happens when a write is staged, so a serialization error surfaces from
-    ``commit_events`` or ``save_snapshot`` before anything reaches the database. At
-    commit the store checks, for every aggregate in :attr:`expected`, that its stored
-    ``MAX(sequence)`` (0 without events) still equals the expected value, then inserts
-    :attr:`event_rows` in order and upserts :attr:`snapshot_rows`, all in one database
-    transaction.
-    """
-
-    transcoder: Transcoder
-    aggregate_type: str
-    #: The stored sequence each aggregate must still have at commit, per aggregate.
-    expected: dict[str, int] = attrs.Factory(dict)
-    #: Every staged event, in staging order (which becomes commit order).
-    event_rows: list[EventRow] = attrs.Factory(list)
-    #: The staged envelopes per aggregate, for reads inside the transaction.
-    envelopes: dict[str, list[SerializedEventEnvelope[EventT]]] = attrs.Factory(dict)
-    #: The staged snapshot per aggregate: its row, and the snapshot for reads.
-    snapshots: dict[str, tuple[SnapshotRow, Snapshot[EntityT]]] = attrs.Factory(dict)
-
-    @property
-    def has_writes(self) -> bool:
-        """Whether committing needs the database (a zero-event commit still checks)."""
-        return bool(self.expected or self.snapshots)
-
-    def stage_events(
-        self, aggregate: Aggregate[EntityT], events: Iterable[EventT], metadata: Metadata
-    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
-        """Encode and buffer ``events`` after ``aggregate.sequence``, each with a new id.
-
-        ``events`` may be any iterable (see :func:`check_events`); it is read once. A
-        refused call leaves the transaction as it was, so the caller may go on with it.
-
-        Raises:
-            TypeError: ``events`` is not an iterable of events; nothing staged.
-            ConcurrencyConflict: this transaction already staged events for the aggregate
-                and ``aggregate.sequence`` does not continue them.
-            EventStoreError: an event or the metadata cannot be encoded; nothing staged.
-        """
-        events = check_events(events)
-        aggregate_id = check_text(aggregate.aggregate_id, "aggregate_id")
-        if not aggregate_id:
-            raise EventStoreError("aggregate_id must be a non-empty str (got '')")
-        base = aggregate.sequence
-        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
-            raise EventStoreError(
-                f"aggregate.sequence must be an int >= 0 (got {base!r})", aggregate_id=aggregate_id
-            )
-        staged = self.envelopes.get(aggregate_id)
-        if staged is not None:
-            current = self.expected[aggregate_id] + len(staged)
-            if current != base:
-                raise ConcurrencyConflict(
-                    aggregate_id=aggregate_id, expected_sequence=base, actual_sequence=current
-                )
-        transcoder = self.transcoder
-        metadata_text = transcoder.encode_metadata(metadata)
-        rows: list[EventRow] = []
-        envelopes: list[SerializedEventEnvelope[EventT]] = []
-        for sequence, event in enumerate(events, start=base + 1):
-            encoded = transcoder.encode_event(event, aggregate_id=aggregate_id, sequence=sequence)
-            rows.append(
-                EventRow(
-                    aggregate_id,
-                    sequence,
-                    encoded.event_type,
-                    encoded.event_version,
-                    encoded.payload,
-                    metadata_text,
-                    uuid.uuid4(),
-                )
-            )
-            envelopes.append(
-                SerializedEventEnvelope(
-                    aggregate_id,
-                    sequence,
-                    event,
-                    metadata,
-                    encoded.event_type,
-                    encoded.event_version,
-                    self.aggregate_type,
-                    event_id=rows[-1].event_id,
-                )
-            )
-        # Only now, with everything encoded, does the transaction change.
-        if staged is None:
-            self.expected[aggregate_id] = base
-            self.envelopes[aggregate_id] = list(envelopes)
-        else:
-            staged.extend(envelopes)
-        self.event_rows.extend(rows)
-        return envelopes, base + len(envelopes)
-
-    def stage_snapshot(self, snapshot: Snapshot[EntityT]) -> None:
-        """Encode and buffer ``snapshot``, replacing one staged earlier for its aggregate.
-
-        Raises:
-            EventStoreError: the entity cannot be encoded or the timestamp is naive.
-        """
-        aggregate_id = check_text(snapshot.aggregate_id, "aggregate_id")
-        encoded = self.transcoder.encode_entity(snapshot.entity, aggregate_id=aggregate_id)
-        timestamp = parse_utc(utc_text(snapshot.timestamp))
-        row = SnapshotRow(
-            aggregate_id,
-            snapshot.sequence,
-            encoded.entity_type,
-            encoded.entity_version,
-            encoded.payload,
-            timestamp,
-        )
-        self.snapshots[aggregate_id] = (row, snapshot)
-
-    def merge_events(
-        self,
-        aggregate_id: str,
-        start_from: int,
-        stored: list[SerializedEventEnvelope[EventT]],
-    ) -> list[SerializedEventEnvelope[EventT]]:
-        """The transaction's view: ``stored`` events, then its own staged ones.
-
-        Stored events beyond the expected sequence (another writer's, which will make
-        this transaction fail) are left out so the view stays contiguous.
-        """
-        staged = self.envelopes.get(aggregate_id)
-        if not staged:
-            return stored
-        base = self.expected[aggregate_id]
-        return [e for e in stored if e.sequence <= base] + [
-            e for e in staged if e.sequence > start_from
-        ]
-
-    def needs_stored_events(self, aggregate_id: str, start_from: int) -> bool:
-        """Whether a read of the aggregate after ``start_from`` must ask the database."""
-        base = self.expected.get(aggregate_id)
-        return base is None or start_from < base
-
-    def snapshot(self, aggregate_id: str) -> Snapshot[EntityT] | None:
-        """The snapshot this transaction staged for the aggregate, if any."""
-        staged = self.snapshots.get(aggregate_id)
-        return None if staged is None else staged[1]
-
-    def snapshot_rows(self) -> list[SnapshotRow]:
-        """The staged snapshots, one per aggregate."""
-        return [row for row, _ in self.snapshots.values()]
-
-
 class Rows(Protocol):
     """What ``execute`` returns in both drivers: rows to fetch."""
 
@@ -861,235 +698,3 @@ def decode_snapshot_row(
 
 
 # -- the Trio side: transactions and reads, the same in every SQL store ------------------
-
-
-@attrs.define(eq=False)
-class SqlTransaction(Generic[EventT, EntityT]):
-    """A SQL store's transaction handle: its store and the writes it buffers.
-
-    The stores' public handle types subclass this and add nothing, so that each keeps
-    its own name. Only meaningful inside its ``async with store.transaction()`` block.
-    """
-
-    _store: object
-    _pending: PendingWrites[EventT, EntityT]
-    _finished: bool = False
-    #: Once the block committed: each committed event's id mapped to its
-    #: ``(global_position, recorded_at)``, for :func:`trio_es._store.committed_envelopes`.
-    recorded: dict[uuid.UUID, tuple[int, datetime.datetime]] = attrs.field(
-        factory=dict, kw_only=True
-    )
-
-
-def pending_writes(
-    tx: SqlTransaction[EventT, EntityT], store: object
-) -> PendingWrites[EventT, EntityT]:
-    """The writes ``tx`` buffers, once it is checked to be an open transaction of ``store``.
-
-    Raises:
-        EventStoreError: ``tx`` is not a handle ``store.transaction()`` yielded, or its
-            block has already exited.
-    """
-    if not isinstance(tx, SqlTransaction) or tx._store is not store:
-        raise EventStoreError(
-            f"{tx!r:.80} is not a transaction of this store; pass the handle that "
-            "this store's transaction() yielded"
-        )
-    if tx._finished:
-        raise EventStoreError(
-            "the transaction has already ended; use the handle only inside its async with block"
-        )
-    return tx._pending
-
-
-@final
-class TransactionBlock(Generic[TxT]):
-    """``async with TransactionBlock(tx, commit)``: yields ``tx``; when the block exits
-    without an exception, commits what it buffered.
-
-    The handle is finished however the block exits, so a handle kept past its block
-    is refused. A block that raised writes nothing, and one that buffered nothing costs
-    no ``commit`` call (no database call at all). A class rather than a generator-based
-    context manager: every command enters one.
-    """
-
-    __slots__ = ("_commit", "_tx")
-
-    def __init__(
-        self, tx: TxT, commit: Callable[[PendingWrites[Any, Any]], Awaitable[None]]
-    ) -> None:
-        self._tx = tx
-        self._commit = commit
-
-    async def __aenter__(self) -> TxT:
-        return self._tx
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        tx = self._tx
-        tx._finished = True
-        if exc_type is None and tx._pending.has_writes:
-            await self._commit(tx._pending)
-
-
-def translate_outcomes(
-    results: list[outcome.Outcome[T]],
-    driver_error: type[ErrorT],
-    translate: Callable[[ErrorT], Exception],
-) -> list[outcome.Outcome[T]]:
-    """``results`` of a batch commit, with each plan's driver error as a trio_es error.
-
-    A plan's own failure (a refused row) comes back from the worker thread as the
-    driver's exception; callers of ``transaction()`` only ever see trio_es errors.
-    """
-    return [
-        outcome.Error(translate(result.error))
-        if isinstance(result, outcome.Error) and isinstance(result.error, driver_error)
-        else result
-        for result in results
-    ]
-
-
-class RunRead(Protocol):
-    """How a store runs ``fn(connection)`` in a worker thread on a connection that reads.
-
-    The store supplies its own connection handling (cancellation included) and turns
-    driver errors into trio_es errors, with ``doing`` (e.g. ``"loading events"``) in
-    the message.
-    """
-
-    def __call__(self, fn: Callable[[Queryable], T], doing: str, /) -> Awaitable[T]: ...
-
-
-@final
-@attrs.frozen
-class SqlReads(Generic[EventT, EntityT]):
-    """The reads of a SQL store: each is one worker-thread call through :attr:`run`.
-
-    Reads inside a transaction see the latest committed data merged with what the
-    transaction buffered (see :class:`PendingWrites`). Ids are checked by the store
-    before they get here, since what a database can hold differs. Frozen, so the worker
-    thread may read its fields while the Trio thread goes on.
-    """
-
-    statements: Statements
-    transcoder: Transcoder
-    aggregate_type: str
-    run: RunRead
-
-    async def load_events(
-        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str, start_from: int
-    ) -> list[SerializedEventEnvelope[EventT]]:
-        """The aggregate's events with ``sequence > start_from``, stored then buffered.
-
-        Raises:
-            EventStoreError: a stored event cannot be decoded, or the database failed.
-        """
-        start_from = max(start_from, 0)
-        if not pending.needs_stored_events(aggregate_id, start_from):
-            return pending.merge_events(aggregate_id, start_from, [])
-
-        def read(connection: Queryable) -> list[SerializedEventEnvelope[Any]]:
-            rows = connection.execute(
-                self.statements.select_events, (self.aggregate_type, aggregate_id, start_from)
-            ).fetchall()
-            return [
-                decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, row)
-                for row in rows
-            ]
-
-        stored = await self.run(read, "loading events")
-        return pending.merge_events(aggregate_id, start_from, stored)
-
-    async def load_snapshot_and_events(
-        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str
-    ) -> tuple[Snapshot[EntityT] | None, list[SerializedEventEnvelope[EventT]]]:
-        """The latest snapshot (as :meth:`load_snapshot`) and the events after it.
-
-        Both are read in one worker-thread call, where :meth:`load_snapshot` then
-        :meth:`load_events` would take two: a cold load is mostly those hops. The events
-        are read after the snapshot, so a commit in between is included, never skipped.
-
-        Raises:
-            EventStoreError: a stored snapshot or event cannot be decoded, or the
-                database failed.
-        """
-        staged = pending.snapshot(aggregate_id)
-        if staged is not None:
-            return staged, await self.load_events(pending, aggregate_id, staged.sequence)
-
-        def read(
-            connection: Queryable,
-        ) -> tuple[Snapshot[Any] | None, list[SerializedEventEnvelope[Any]]]:
-            rows = connection.execute(
-                self.statements.select_snapshot, (self.aggregate_type, aggregate_id)
-            ).fetchall()
-            snapshot = decode_snapshot_row(self.transcoder, aggregate_id, rows[0]) if rows else None
-            start = 0 if snapshot is None else snapshot.sequence
-            rows = connection.execute(
-                self.statements.select_events, (self.aggregate_type, aggregate_id, start)
-            ).fetchall()
-            return snapshot, [
-                decode_event_row(self.transcoder, self.aggregate_type, aggregate_id, row)
-                for row in rows
-            ]
-
-        snapshot, stored = await self.run(read, "loading a snapshot and the events after it")
-        start = 0 if snapshot is None else snapshot.sequence
-        return snapshot, pending.merge_events(aggregate_id, start, stored)
-
-    async def load_snapshot(
-        self, pending: PendingWrites[EventT, EntityT], aggregate_id: str
-    ) -> Snapshot[EntityT] | None:
-        """The snapshot the transaction buffered, else the stored one if it decodes."""
-        staged = pending.snapshot(aggregate_id)
-        if staged is not None:
-            return staged
-
-        def read(connection: Queryable) -> Snapshot[Any] | None:
-            rows = connection.execute(
-                self.statements.select_snapshot, (self.aggregate_type, aggregate_id)
-            ).fetchall()
-            return decode_snapshot_row(self.transcoder, aggregate_id, rows[0]) if rows else None
-
-        return await self.run(read, "loading a snapshot")
-
-    async def read_all(self, after_position: int, limit: int) -> list[StoredEvent[EventT]]:
-        """Up to ``limit`` events of the aggregate type after ``after_position``, in order.
-
-        Raises:
-            ValueError: ``after_position < 0`` or ``limit < 1``.
-            EventStoreError: a stored event cannot be decoded, or the database failed.
-        """
-        after_position, limit = check_read_all(after_position, limit)
-
-        def read(connection: Queryable) -> list[StoredEvent[Any]]:
-            rows = connection.execute(
-                self.statements.select_all, (self.aggregate_type, after_position, limit)
-            ).fetchall()
-            stored: list[StoredEvent[Any]] = []
-            for aggregate_id, *rest in rows:
-                envelope = decode_event_row(
-                    self.transcoder, self.aggregate_type, aggregate_id, rest
-                )
-                # decode_event_row filled both from this row, so neither is None here.
-                position, recorded_at = rest[6], envelope.recorded_at
-                stored.append(StoredEvent(position, envelope, recorded_at))  # type: ignore[arg-type]
-            return stored
-
-        return await self.run(read, "reading all events")
-
-    async def head_position(self) -> int:
-        """The ``global_position`` of the store's last committed event (0 with none)."""
-
-        def read(connection: Queryable) -> int:
-            rows = connection.execute(
-                self.statements.select_head, (self.aggregate_type,)
-            ).fetchall()
-            return int(rows[0][0]) if rows and rows[0][0] is not None else 0
-
-        return await self.run(read, "reading the head position")

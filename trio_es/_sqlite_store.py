@@ -44,9 +44,9 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 import outcome
@@ -60,14 +60,9 @@ from ._sql import (
     SCHEMA_VERSION,
     Dialect,
     EventRow,
-    PendingWrites,
     Queryable,
     SnapshotRow,
-    SqlReads,
-    SqlTransaction,
     Statements,
-    StoredEvent,
-    TransactionBlock,
     check_aggregate_type,
     check_existing_tables,
     check_schema_version,
@@ -77,9 +72,15 @@ from ._sql import (
     find_conflict,
     max_sequence,
     parse_utc,
-    pending_writes,
-    translate_outcomes,
     utc_text,
+)
+from ._sql_store import (
+    PendingWrites,
+    SqlReads,
+    SqlStoreShell,
+    SqlTransaction,
+    TransactionBlock,
+    translate_outcomes,
 )
 from ._sqlite_connection import (
     BUSY_SLICE_MS,
@@ -94,7 +95,7 @@ from ._sqlite_connection import (
 )
 from ._sqlite_projection import LeaseSettings, SqliteLease, open_lease
 from ._trio_util import AsyncValue, async_value
-from ._types import Aggregate, Metadata, SerializedEventEnvelope, Snapshot, utc_now
+from ._types import utc_now
 from ._validated import check_int, check_seconds
 from ._watch import HeadWatch, check_projection_name, raise_head
 
@@ -528,7 +529,7 @@ class SqliteTransaction(SqlTransaction[EventT, EntityT]):
 
 @final
 @attrs.define(eq=False)
-class SqliteStore(Generic[EventT, EntityT]):
+class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, EntityT]):
     """An event store in a SQLite file; open it with :meth:`SqliteStore.open`.
 
     Several stores, in one process or several, may use the same file: commits are
@@ -712,9 +713,7 @@ class SqliteStore(Generic[EventT, EntityT]):
                 be stored. Never retried automatically.
             EventStoreError: SQLite failed; nothing was written.
         """
-        tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(
-            self, PendingWrites(self.transcoder, self.aggregate_type)
-        )
+        tx: SqliteTransaction[EventT, EntityT] = SqliteTransaction(self, self._pending())
         return TransactionBlock(tx, functools.partial(self._commit_writes, tx))
 
     async def _commit_writes(
@@ -779,96 +778,6 @@ class SqliteStore(Generic[EventT, EntityT]):
         )
         unknown.__cause__ = error.__cause__
         return unknown
-
-    async def load_events(
-        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str, start_from: int
-    ) -> list[SerializedEventEnvelope[EventT]]:
-        """The aggregate's events with ``sequence > start_from``, in sequence order.
-
-        Raises:
-            EventStoreError: a stored event cannot be decoded (the message names the
-                aggregate, sequence, type and version), or SQLite failed.
-        """
-        return await self._reads.load_events(
-            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id"), start_from
-        )
-
-    async def load_snapshot_and_events(
-        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str
-    ) -> tuple[Snapshot[EntityT] | None, list[SerializedEventEnvelope[EventT]]]:
-        """The latest snapshot and the events after it, read in one worker-thread call.
-
-        What :meth:`load_snapshot` then :meth:`load_events` after its sequence return, at
-        the cost of one thread hop instead of two; the runtime loads aggregates with it.
-
-        Raises:
-            EventStoreError: a stored snapshot or event cannot be decoded, or SQLite
-                failed.
-        """
-        return await self._reads.load_snapshot_and_events(
-            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id")
-        )
-
-    async def commit_events(
-        self,
-        tx: SqliteTransaction[EventT, EntityT],
-        aggregate: Aggregate[EntityT],
-        events: Iterable[EventT],
-        metadata: Metadata,
-    ) -> tuple[list[SerializedEventEnvelope[EventT]], int]:
-        """Encode ``events`` and buffer them after ``aggregate.sequence``.
-
-        ``events`` may be any iterable of events (a generator too); it is read once.
-        The sequence check happens when the transaction commits (in the same database
-        transaction as the write), so a conflict is raised when the block exits. A
-        refused call leaves the transaction as it was: its other writes still commit.
-
-        Raises:
-            TypeError: ``events`` is None, not iterable, or a str, bytes or mapping.
-            EventStoreError: an event or the metadata cannot be encoded; nothing is
-                buffered and nothing will be written for this call.
-        """
-        return pending_writes(tx, self).stage_events(aggregate, events, metadata)
-
-    async def load_snapshot(
-        self, tx: SqliteTransaction[EventT, EntityT], aggregate_id: str
-    ) -> Snapshot[EntityT] | None:
-        """The aggregate's latest snapshot, or ``None`` (also when it cannot be decoded)."""
-        return await self._reads.load_snapshot(
-            pending_writes(tx, self), check_text(aggregate_id, "aggregate_id")
-        )
-
-    async def save_snapshot(
-        self, tx: SqliteTransaction[EventT, EntityT], snapshot: Snapshot[EntityT]
-    ) -> None:
-        """Encode ``snapshot`` and buffer it; it replaces the stored one on commit.
-
-        Raises:
-            EventStoreError: the entity cannot be encoded or the timestamp is naive.
-        """
-        pending_writes(tx, self).stage_snapshot(snapshot)
-
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000
-    ) -> list[StoredEvent[EventT]]:
-        """Up to ``limit`` events of this store's aggregate type after ``after_position``.
-
-        In ``global_position`` order, which is commit order: page through the whole log
-        by passing the last position seen. Not part of the ``EventStore`` protocol.
-
-        Raises:
-            ValueError: ``after_position < 0`` or ``limit < 1``.
-            EventStoreError: a stored event cannot be decoded, or SQLite failed.
-        """
-        return await self._reads.read_all(after_position, limit)
-
-    async def head_position(self) -> int:
-        """The global position of this store's last committed event (0 with none).
-
-        Raises:
-            EventStoreError: SQLite failed.
-        """
-        return await self._reads.head_position()
 
     @asynccontextmanager
     async def watch(self) -> AsyncIterator[HeadWatch]:
