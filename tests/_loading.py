@@ -1,14 +1,18 @@
-"""Loading an aggregate's latest snapshot and the events after it in one store call."""
+"""Loading aggregates: a snapshot and the events after it in one store call, and a first
+load that pays no cattrs code generation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
 
 from trio_es import Aggregate, EventStoreError
 from trio_es._types import Snapshot, utc_now
-from trio_es.testing import Added, Counter
+from trio_es.serialization import Transcoder
+from trio_es.testing import Added, Counter, conformance_transcoder
 
 
 async def _commit(store: Any, aggregate_id: str, sequence: int, events: list[Any]) -> None:
@@ -52,3 +56,45 @@ async def assert_snapshot_and_events_load_together(store: Any) -> None:
     with pytest.raises(EventStoreError):
         async with store.transaction() as tx:
             await store.load_snapshot_and_events(tx, "bad \ud800 id")
+
+
+def count_hook_lookups(transcoder: Transcoder) -> list[object]:
+    """Record every cattrs hook lookup ``transcoder`` makes from now on (in order)."""
+    looked_up: list[object] = []
+    converter = transcoder.converter
+    structure, unstructure = converter.get_structure_hook, converter.get_unstructure_hook
+
+    def get_structure_hook(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(cls)
+        return structure(cls, *args, **kwargs)
+
+    def get_unstructure_hook(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(cls)
+        return unstructure(cls, *args, **kwargs)
+
+    converter.get_structure_hook = get_structure_hook  # type: ignore[method-assign, assignment]
+    converter.get_unstructure_hook = get_unstructure_hook  # type: ignore[method-assign, assignment]
+    return looked_up
+
+
+async def assert_opening_prepares_the_transcoder(
+    open_store: Callable[[Transcoder], AbstractAsyncContextManager[Any]],
+) -> None:
+    """Opening the store builds the transcoder's hooks: commits and loads then build none."""
+    transcoder = conformance_transcoder()
+    looked_up = count_hook_lookups(transcoder)
+    async with open_store(transcoder) as store:
+        prepared = len(looked_up)
+        assert prepared > 0
+        await _commit(store, "acc", 0, [Added(1), Added(2)])
+        async with store.transaction() as tx:
+            await store.save_snapshot(tx, Snapshot("acc", Counter(3), 2, utc_now()))
+        async with store.transaction() as tx:
+            snapshot, events = await store.load_snapshot_and_events(tx, "acc")
+            assert snapshot is not None
+            assert (snapshot.sequence, events) == (2, [])
+            assert [e.payload for e in await store.load_events(tx, "acc", 0)] == [
+                Added(1),
+                Added(2),
+            ]
+        assert len(looked_up) == prepared

@@ -1241,3 +1241,10 @@ async def test_killed_backends_never_store_a_commit_twice(postgres_dsn: str, raw
         by_aggregate[s.envelope.aggregate_id].append(s.envelope.sequence)
     for sequences in by_aggregate.values():
         assert sequences == list(range(1, len(sequences) + 1))
+
+
+async def test_opening_prepares_the_transcoder(postgres_dsn: str) -> None:
+    """Open builds the transcoder's cattrs hooks: the first commit and load generate none."""
+    await _loading.assert_opening_prepares_the_transcoder(
+        lambda transcoder: PostgresStore.open(postgres_dsn, transcoder=transcoder)
+    )

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from trio_es import EventStoreError, Metadata, NonPositiveArgument
 from trio_es.serialization import EncodedEvent, Transcoder, default_converter
 
+from ._loading import count_hook_lookups
+
 
 class Currency(enum.Enum):
     """An enum stored by value."""
@@ -340,3 +342,31 @@ def test_decoders_are_cached_per_type_and_version(transcoder: Transcoder) -> Non
     assert decoders[("renamed", 1)] is first
     transcoder.register_upcaster("renamed", from_version=5, fn=dict)
     assert ("renamed", 1) not in decoders
+
+
+# -- preparing the hooks up front --
+
+
+def test_prepare_looks_every_hook_up_before_first_use(transcoder: Transcoder) -> None:
+    """After prepare(), encoding and decoding registered classes generates no cattrs code."""
+    transcoder.prepare()
+    looked_up = count_hook_lookups(transcoder)
+    event = _deposited()
+    assert _decode(transcoder, transcoder.encode_event(event)) == event
+    entity = transcoder.encode_entity(Account(5))
+    decoded = transcoder.decode_entity(
+        entity.entity_type, entity.entity_version, entity.payload, aggregate_id="acc"
+    )
+    assert decoded == Account(5)
+    assert looked_up == []
+
+
+def test_without_prepare_hooks_are_looked_up_on_first_use(transcoder: Transcoder) -> None:
+    """Unprepared, a class's hooks are looked up on its first encode and decode, then kept."""
+    looked_up = count_hook_lookups(transcoder)
+    event = _deposited()
+    assert _decode(transcoder, transcoder.encode_event(event)) == event
+    assert looked_up.count(Deposited) == 2  # unstructure, then structure
+    first_use = len(looked_up)
+    assert _decode(transcoder, transcoder.encode_event(event)) == event
+    assert len(looked_up) == first_use

@@ -784,3 +784,10 @@ async def test_cancelled_commit_that_committed_is_never_reported_failed(
         assert not store._writer.raw.in_transaction
         assert [e.payload for e in await _load(store, "acc")] == [Added(1)]
         assert await _commit(store, "acc", 1, [Added(2)]) == 2
+
+
+async def test_opening_prepares_the_transcoder(tmp_path: Path) -> None:
+    """Open builds the transcoder's cattrs hooks: the first commit and load generate none."""
+    await _loading.assert_opening_prepares_the_transcoder(
+        lambda transcoder: SqliteStore.open(tmp_path / "es.db", transcoder=transcoder)
+    )

@@ -974,6 +974,8 @@ class PostgresStore(SqlStoreShell[PostgresTransaction[EventT, EntityT], EventT, 
             raise TypeError(f"dsn must be a libpq connection string (got {dsn!r:.80})")
         if not isinstance(transcoder, Transcoder):
             raise TypeError(f"transcoder must be a Transcoder (got {transcoder!r:.80})")
+        # cattrs' code generation now, not in the first command or load.
+        transcoder.prepare()
         aggregate_type = check_aggregate_type(aggregate_type)
         if "\x00" in aggregate_type or len(aggregate_type.encode("utf-8", "surrogatepass")) > (
             MAX_AGGREGATE_TYPE_BYTES

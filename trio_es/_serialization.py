@@ -212,6 +212,21 @@ class _Registry:
         self.by_class[cls] = registration
         self.decoders.clear()
 
+    def prepare(self, converter: cattrs.Converter) -> None:
+        """Look up the cattrs hooks of every registered class now, not on first use.
+
+        A class cattrs cannot handle is left for its first use, which reports it with
+        the payload and the fix.
+        """
+        for registration in self.by_class.values():
+            try:
+                if registration.structure is None:
+                    registration.structure = converter.get_structure_hook(registration.cls)
+                if registration.unstructure is None:
+                    registration.unstructure = converter.get_unstructure_hook(registration.cls)
+            except Exception:  # reported on first use, where the message can say more
+                continue
+
     def register_upcaster(self, name: str, from_version: int, fn: Upcaster) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"an {self.kind} name must be a non-empty str (got {_show(name)})")
@@ -329,8 +344,9 @@ class Transcoder:
 
     Args:
         converter: the cattrs converter to use; :func:`default_converter` if omitted.
-            Register custom hooks on it before the first encode or decode: the hooks of
-            each registered class are looked up once and then kept.
+            Register custom hooks on it before the first encode or decode, and before
+            a store opens with this transcoder (see :meth:`prepare`): the hooks of each
+            registered class are looked up once and then kept.
     """
 
     _converter: cattrs.Converter = attrs.field(factory=default_converter, alias="converter")
@@ -374,6 +390,18 @@ class Transcoder:
     def register_entity(self, cls: type[Any], *, name: str | None = None, version: int = 1) -> None:
         """Like :meth:`register_event`, for the entity class that snapshots store."""
         self._entities.register(cls, name, version)
+
+    def prepare(self) -> None:
+        """Build the cattrs hooks of every registered class now, instead of on first use.
+
+        cattrs generates each class's (un)structuring code the first time it is needed,
+        which costs about a millisecond per class: without this, the first command or
+        load of each kind pays it. The SQL stores call this when they open, so register
+        classes and custom hooks before opening a store. Classes registered later are
+        prepared on first use, as before.
+        """
+        self._events.prepare(self._converter)
+        self._entities.prepare(self._converter)
 
     def register_upcaster(self, name: str, *, from_version: int, fn: Upcaster) -> None:
         """Rewrite stored payloads of event ``name`` from ``from_version`` to ``from_version + 1``.

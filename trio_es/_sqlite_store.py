@@ -487,6 +487,8 @@ def _open_reader(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     )
     try:
         connection.execute("PRAGMA query_only=ON")
+        # Read the schema now, at open, not in the first load a caller waits for.
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except BaseException:
         connection.close()
         raise
@@ -621,6 +623,8 @@ class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, Enti
             raise TypeError(f"transcoder must be a Transcoder (got {transcoder!r})")
         text_path = _check_path(path)
         aggregate_type = check_aggregate_type(aggregate_type)
+        # cattrs' code generation now, not in the first command or load.
+        transcoder.prepare()
         statements = Statements.build(
             _DIALECT, events_table=events_table, snapshots_table=snapshots_table
         )
