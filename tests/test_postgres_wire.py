@@ -10,6 +10,7 @@ import psycopg
 import psycopg.errors
 import pytest
 import trio
+import trio.testing
 
 from trio_es import Aggregate, ConcurrencyConflict
 from trio_es._postgres_connection import PooledConnection, connect
@@ -104,6 +105,21 @@ async def test_a_failed_statement_raises_its_error_and_the_rest_is_skipped(
     assert raw.execute("SELECT count(*) FROM t").fetchone() == (0,)
     [result] = await conn.exchange([(Query.of("SELECT %s::int + 1"), (41,))])
     assert _values(conn, result) == [(42,)]
+
+
+async def test_every_exchange_is_a_checkpoint(conn: PooledConnection, raw: Any) -> None:
+    """An exchange checkpoints, also with its results there at once; cancelled, it sends nothing."""
+    await conn.exchange([(Query.of("CREATE TABLE t (n int)", prepare=False), ())])
+    select = Query.of("SELECT %s::int")
+    for _ in range(20):
+        with trio.testing.assert_checkpoints():
+            await conn.exchange([(select, (1,))])
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await conn.exchange([(Query.of("INSERT INTO t VALUES (%s)"), (1,))])
+    assert scope.cancelled_caught
+    assert raw.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    assert conn.usable()
 
 
 async def test_a_statement_is_prepared_once_per_session(conn: PooledConnection) -> None:

@@ -105,7 +105,13 @@ class Pool:
         """
         if self._closed:
             raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
-        async with self._slots:
+        # A free slot is taken without a scheduling point; ``use`` checkpoints anyway
+        # (every connection call does).
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             if self._closed:
                 raise EventStoreError("the PostgreSQL store is closed; open it again to use it")
             attempts = 0
@@ -132,6 +138,8 @@ class Pool:
                         self._idle.append(conn)
                     else:
                         conn.discard()
+        finally:
+            self._slots.release()
 
     async def aclose(self) -> None:
         """Close the idle connections; connections in use are closed when returned."""

@@ -105,6 +105,9 @@ async def exchange(
         psycopg.OperationalError: the connection failed; give it up.
         trio.Cancelled: the session is mid-exchange; give the connection up.
     """
+    # A checkpoint as Trio's own primitives make one: a cancel point before anything is
+    # sent, and a scheduling point at the end unless the exchange waited on the socket.
+    await trio.lowlevel.checkpoint_if_cancelled()
     pgconn = session.raw.pgconn
     dump = session.transformer.dump_sequence
     preparing: dict[int, bytes] = {}  # result index -> name being prepared
@@ -124,8 +127,8 @@ async def exchange(
                 pgconn.send_query_prepared(name, values)
             position += 1
         pgconn.pipeline_sync()
-        await _flush(pgconn)
-        results = await _receive(pgconn)
+        waited = await _flush(pgconn)
+        results, received_late = await _receive(pgconn)
     except BaseException:
         session.broken = True
         raise
@@ -147,6 +150,8 @@ async def exchange(
                 session.prepared.add(preparing[index])
             continue
         answers.append(result)
+    if not (waited or received_late):
+        await trio.lowlevel.cancel_shielded_checkpoint()
     if error is not None:
         if error.sqlstate == "26000":
             # Someone deallocated our statements (DEALLOCATE ALL): prepare them again.
@@ -171,9 +176,14 @@ async def finish(session: Session) -> None:
     session.broken = False
 
 
-async def _flush(pgconn: pq.abc.PGconn) -> None:
-    """Send libpq's output buffer, reading meanwhile so that the server never stalls."""
+async def _flush(pgconn: pq.abc.PGconn) -> bool:
+    """Send libpq's output buffer, reading meanwhile so that the server never stalls.
+
+    Returns whether it had to wait for the socket.
+    """
+    waited = False
     while pgconn.flush():
+        waited = True
         # The buffer outgrew the socket: the server may be blocked writing results we
         # have not read, so wait for either direction (libpq reads when it cannot write).
         async with trio.open_nursery() as nursery:
@@ -185,11 +195,14 @@ async def _flush(pgconn: pq.abc.PGconn) -> None:
             nursery.start_soon(wait, trio.lowlevel.wait_writable)
             nursery.start_soon(wait, trio.lowlevel.wait_readable)
         pgconn.consume_input()
+    return waited
 
 
-async def _receive(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
-    """Every result up to the pipeline's sync, in order (one per statement)."""
+async def _receive(pgconn: pq.abc.PGconn) -> tuple[list[pq.abc.PGresult], bool]:
+    """Every result up to the pipeline's sync, in order (one per statement); and whether
+    it had to wait for the socket."""
     results: list[pq.abc.PGresult] = []
+    waited = False
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
@@ -197,6 +210,7 @@ async def _receive(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
             if result is None:
                 continue  # the end of one statement's results
             if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                return results
+                return results, waited
             results.append(result)
         await trio.lowlevel.wait_readable(pgconn.socket)
+        waited = True
