@@ -851,3 +851,21 @@ async def test_open_eventsourcing_infers_the_state_type_from_handle_and_apply() 
         aggregate = await es.load_aggregate("a")
         assert_type(aggregate.entity, tuple[str, ...])
         assert aggregate.entity == ("x",)
+
+
+async def test_an_idle_aggregate_stops_exactly_idle_timeout_after_its_last_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An aggregate is still live just before idle_timeout after its last message, gone after."""
+    async with open_counter(options=RuntimeOptions(idle_timeout=30)) as es:
+        await es.execute("early", Append(("x",)))
+        await trio.sleep(10)
+        await es.execute("late", Append(("x",)))
+        await trio.sleep(19.9)
+        assert (await es.system_stats()).live_aggregates == 2
+        await trio.sleep(0.2)
+        assert (await es.system_stats()).live_aggregates == 1
+        await trio.sleep(9.8)
+        assert (await es.system_stats()).live_aggregates == 1
+        await trio.sleep(0.2)
+        assert (await es.system_stats()).live_aggregates == 0

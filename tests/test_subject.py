@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import outcome
@@ -21,7 +23,7 @@ from trio_es import (
     receive,
     timeout,
 )
-from trio_es._subject import new_reply
+from trio_es._subject import IdleTimers, Mailbox, new_reply
 
 
 async def test_messages_arrive_in_the_order_sent() -> None:
@@ -156,19 +158,32 @@ def test_name_label_must_be_a_string() -> None:
         new_name(42)  # type: ignore[arg-type]
 
 
-async def test_a_reply_is_handed_to_the_waiting_reader() -> None:
-    """A reply subject wakes its waiting reader with the reply, then holds the next one."""
-    reply = new_reply("r")
+async def _read_while_waiting(
+    box: Any, message: Any, waiting: Callable[[], bool], sent: Callable[[], bool] = lambda: True
+) -> list[Any]:
+    """What a reader waiting in ``box.get()`` got when ``message`` was sent to ``box``.
+
+    ``waiting()`` is asserted once the reader waits, before the send; ``sent()`` right
+    after the send, before the reader runs again.
+    """
     got: list[Any] = []
 
     async def reader() -> None:
-        got.append(await reply.get())
+        got.append(await box.get())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
-        assert reply.idle_reader()
-        reply.send(outcome.Value(1))
+        assert waiting()
+        box.send(message)
+        assert sent()
+    return got
+
+
+async def test_a_reply_is_handed_to_the_waiting_reader() -> None:
+    """A reply subject wakes its waiting reader with the reply, then holds the next one."""
+    reply = new_reply("r")
+    got = await _read_while_waiting(reply, outcome.Value(1), lambda: reply.idle_reader())
     assert got == [outcome.Value(1)]
     reply.send(outcome.Value(2))
     assert len(reply) == 1
@@ -201,18 +216,23 @@ async def test_a_cancelled_reply_reader_leaves_the_reply_for_later() -> None:
     assert await receive(reply, 1000) == 3
 
 
-async def test_closing_a_reply_subject_ends_its_reader() -> None:
-    """Closing a reply subject wakes its reader with EndOfChannel and refuses later sends."""
-    reply = new_reply("r")
+async def _assert_closing_ends_the_waiting_reader(box: Any) -> None:
+    """``box.get()`` waiting on an empty ``box`` wakes with EndOfChannel when it is closed."""
 
     async def close_soon() -> None:
         await trio.testing.wait_all_tasks_blocked()
-        reply.close()
+        box.close()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(close_soon)
         with pytest.raises(trio.EndOfChannel):
-            await reply.get()
+            await box.get()
+
+
+async def test_closing_a_reply_subject_ends_its_reader() -> None:
+    """Closing a reply subject wakes its reader with EndOfChannel and refuses later sends."""
+    reply = new_reply("r")
+    await _assert_closing_ends_the_waiting_reader(reply)
     with pytest.raises(trio.ClosedResourceError):
         reply.send(outcome.Value(1))
 
@@ -226,3 +246,211 @@ async def test_only_one_task_may_wait_for_a_reply() -> None:
         with pytest.raises(trio.BusyResourceError):
             await reply.get()
         reply.send(outcome.Value(None))
+
+
+# -- the one-reader mailbox of an aggregate, and its idle timers --
+
+
+def _mailbox(capacity: int = 2) -> Mailbox[Any]:
+    return Mailbox(capacity, "box")
+
+
+def test_a_mailbox_takes_sends_outside_trio() -> None:
+    """A mailbox nobody waits on takes and gives messages without trio.run, in order."""
+    box = _mailbox(3)
+    for i in range(3):
+        box.send(i)
+    assert len(box) == 3
+    assert [box.get_nowait() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(trio.WouldBlock):
+        box.get_nowait()
+    assert len(box) == 0
+
+
+def test_a_full_mailbox_refuses_with_mailbox_full_naming_it() -> None:
+    """send to a mailbox holding capacity messages raises MailboxFull naming it."""
+    box = _mailbox(2)
+    box.send(1)
+    box.send(2)
+    with pytest.raises(MailboxFull) as info:
+        box.send(3)
+    assert info.value.capacity == 2
+    assert "'box'" in str(info.value)
+
+
+async def test_parked_senders_keep_fifo_order_behind_the_queue() -> None:
+    """Senders parked on a full mailbox get their turn in the order they parked."""
+    box = _mailbox(2)
+    box.send("a")
+    box.send("b")
+    async with trio.open_nursery() as nursery:
+        for message in ("c", "d", "e"):
+            nursery.start_soon(box.send_wait, message)
+            await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(MailboxFull):
+            box.send("refused while senders are parked")
+        got = []
+        for _ in range(5):
+            got.append(await box.get())
+            await trio.testing.wait_all_tasks_blocked()
+    assert got == ["a", "b", "c", "d", "e"]
+    assert len(box) == 0
+
+
+async def test_a_cancelled_parked_sender_queues_nothing() -> None:
+    """A sender cancelled while parked on a full mailbox leaves no message behind."""
+    box = _mailbox(1)
+    box.send("a")
+    with trio.move_on_after(1) as scope:
+        await box.send_wait("never")
+    assert scope.cancelled_caught
+    assert box.get_nowait() == "a"
+    with pytest.raises(trio.WouldBlock):
+        box.get_nowait()
+    box.send("b")
+    assert await box.get() == "b"
+
+
+async def test_closing_a_mailbox_wakes_parked_senders_and_keeps_the_queue() -> None:
+    """close wakes parked senders with ClosedResourceError; queued messages stay readable."""
+    box = _mailbox(1)
+    box.send("a")
+    refused: list[BaseException] = []
+
+    async def sender() -> None:
+        try:
+            await box.send_wait("b")
+        except trio.ClosedResourceError as error:
+            refused.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+    assert len(refused) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        box.send("c")
+    with pytest.raises(trio.ClosedResourceError):
+        await box.send_wait("c")
+    assert box.get_nowait() == "a"
+    with pytest.raises(trio.EndOfChannel):
+        box.get_nowait()
+    with pytest.raises(trio.EndOfChannel):
+        await box.get()
+
+
+async def test_closing_a_mailbox_ends_its_waiting_reader() -> None:
+    """A reader waiting on an empty mailbox wakes with EndOfChannel when it is closed."""
+    await _assert_closing_ends_the_waiting_reader(_mailbox())
+
+
+async def test_a_cancelled_mailbox_reader_leaves_the_next_message_for_later() -> None:
+    """A reader cancelled while waiting takes nothing; the next message waits in the queue."""
+    box = _mailbox()
+    with trio.move_on_after(1) as scope:
+        await box.get()
+    assert scope.cancelled_caught
+    box.send("kept")
+    assert len(box) == 1
+    assert await box.get() == "kept"
+
+
+async def test_a_waiting_mailbox_reader_is_handed_the_message() -> None:
+    """A message sent while the reader waits goes straight to it, and the queue stays empty."""
+    box = _mailbox()
+    got = await _read_while_waiting(box, "direct", lambda: True, lambda: len(box) == 0)
+    assert got == ["direct"]
+
+
+async def test_only_one_task_may_read_a_mailbox() -> None:
+    """A second task waiting on a mailbox is a bug: it gets BusyResourceError."""
+    box = _mailbox()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.get)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await box.get()
+        box.send(None)
+
+
+@asynccontextmanager
+async def _timed_mailbox(idle_after: float) -> AsyncIterator[tuple[IdleTimers, Mailbox[Any]]]:
+    """A mailbox and idle timers (``idle_after`` seconds) whose task runs for the block."""
+    timers = IdleTimers(idle_after)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        yield timers, _mailbox()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_reader_gets_none_exactly_at_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """get_or_idle returns None exactly timeout seconds after the wait began, not before."""
+    async with _timed_mailbox(10.0) as (timers, box):
+        await trio.sleep(3)
+        start = trio.current_time()
+        assert await box.get_or_idle(timers) is None
+        assert trio.current_time() - start == 10.0
+        assert len(timers) == 0
+
+
+async def test_a_message_ends_an_idle_wait_and_the_next_wait_has_a_fresh_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A message before the deadline is returned; the next wait is timed from its own start."""
+    timers = IdleTimers(10.0)
+    box = _mailbox()
+    ended: list[tuple[float, Any]] = []
+
+    async def reader() -> None:
+        for _ in range(2):
+            message = await box.get_or_idle(timers)
+            ended.append((trio.current_time(), message))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        start = trio.current_time()
+        nursery.start_soon(reader)
+        await trio.sleep(7)
+        box.send("m")
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert ended == [(start + 7, "m"), (start + 17, None)]
+
+
+async def test_idle_timers_time_each_reader_from_its_own_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Readers that began waiting at different times each end at their own deadline,
+    also those that began before the timers' task ran."""
+    timers = IdleTimers(5.0)
+    boxes = [_mailbox() for _ in range(4)]
+    ended: dict[int, float] = {}
+    start = trio.current_time()
+
+    async def reader(index: int) -> None:
+        await trio.sleep(index)
+        assert await boxes[index].get_or_idle(timers) is None
+        ended[index] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        for index in range(4):
+            nursery.start_soon(reader, index)
+        await trio.sleep(0.5)
+        nursery.start_soon(timers.run)
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    assert ended == {0: 5.0, 1: 6.0, 2: 7.0, 3: 8.0}
+
+
+async def test_a_cancelled_idle_reader_is_no_longer_timed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reader cancelled while idle is forgotten by the timers and takes nothing."""
+    async with _timed_mailbox(10.0) as (timers, box):
+        with trio.move_on_after(4):
+            await box.get_or_idle(timers)
+        assert len(timers) == 0
+        box.send("kept")
+        assert await box.get_or_idle(timers) == "kept"

@@ -58,7 +58,7 @@ from ._errors import (
     TransactionFailed,
 )
 from ._store import EventStore, committed_envelopes, events_iterator, load_snapshot_and_events
-from ._subject import Subject
+from ._subject import IdleTimers, Mailbox, Subject
 from ._types import (
     Aggregate,
     AggregateMessage,
@@ -128,42 +128,68 @@ def refuse(message: object, error: BaseException) -> None:
         reply(reply_to, outcome.Error(error))
 
 
-@attrs.define(eq=False)
-class Live:
-    """A live aggregate: its mailbox and backlog, which outlive restarts of its task."""
+class Live(Mailbox[AggregateMessage]):
+    """A live aggregate: its mailbox and backlog, which outlive restarts of its task.
 
-    mailbox: Subject[AggregateMessage]
-    last_active: float = 0.0
-    #: Messages taken from the mailbox and not answered yet; they come before the
-    #: mailbox's (see invariant 1). A list, not a deque: it is almost always empty, and
-    #: an empty deque costs some 600 bytes more per live aggregate.
-    backlog: list[AggregateMessage] = attrs.Factory(list)
-    #: Why the mailbox was closed (the aggregate was given up on, or the system stopped):
-    #: what a sender that finds it closed is told.
-    closed_error: Exception | None = None
+    The aggregate's mailbox itself (a :class:`Mailbox` read by the aggregate's task), so
+    that a live aggregate costs one small object rather than a mailbox and its owner.
+    """
+
+    __slots__ = ("_backlog", "aggregate_id", "closed_error")
+
+    def __init__(self, aggregate_id: str, capacity: int) -> None:
+        super().__init__(capacity, f"aggregate {aggregate_id!r}")
+        self.aggregate_id = aggregate_id
+        #: Messages taken from the mailbox and not answered yet; they come before the
+        #: mailbox's (see invariant 1). None while empty, as it almost always is: a list
+        #: costs some 70 bytes per live aggregate, a deque some 780.
+        self._backlog: list[AggregateMessage] | None = None
+        #: Why the mailbox was closed (the aggregate was given up on, or the system
+        #: stopped): what a sender that finds it closed is told.
+        self.closed_error: Exception | None = None
 
     def take(self) -> AggregateMessage | None:
         """The next message without waiting: the backlog's first, else the mailbox's."""
-        if self.backlog:
-            return self.backlog.pop(0)
+        backlog = self._backlog
+        if backlog:
+            message = backlog.pop(0)
+            if not backlog:
+                self._backlog = None
+            return message
         try:
-            return self.mailbox.get_nowait()
+            return self.get_nowait()
         except trio.WouldBlock:
             return None
 
+    def put_back(self, messages: Sequence[AggregateMessage]) -> None:
+        """Put ``messages`` back at the front of the line, in their order."""
+        if not messages:
+            return
+        backlog = self._backlog
+        if backlog is None:
+            self._backlog = list(messages)
+        else:
+            backlog[:0] = messages
+
+    @property
+    def backlog(self) -> Sequence[AggregateMessage]:
+        """The messages put back, first in line first."""
+        backlog = self._backlog
+        return () if backlog is None else backlog
+
     def idle(self) -> bool:
         """Nothing queued for the aggregate (a sender waiting for room implies a full mailbox)."""
-        return not self.backlog and not len(self.mailbox)
+        return not self._backlog and not len(self)
 
-    def close(self, error: Exception) -> list[AggregateMessage]:
+    def close_for_good(self, error: Exception) -> list[AggregateMessage]:
         """Close the mailbox for good; return every message still queued, in order."""
         self.closed_error = error
-        self.mailbox.close()
-        waiting = [*self.backlog]
-        self.backlog.clear()
+        self.close()
+        waiting = list(self.backlog)
+        self._backlog = None
         while True:
             try:
-                waiting.append(self.mailbox.get_nowait())
+                waiting.append(self.get_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         return waiting
@@ -182,6 +208,10 @@ class Shared(Generic[CommandT, EventT, EntityT]):
     shutdown_grace: float
     #: Feeds one commit's events to every (still working) query.
     publish: Callable[[str, Sequence[EventEnvelope[EventT]]], Awaitable[None]]
+    #: Times every waiting aggregate's ``idle_timeout`` (one task for all of them).
+    idle: IdleTimers
+    #: Called when an aggregate has been idle for ``idle_timeout``; True means "stop now".
+    retire: Callable[[Live], bool]
     handle_is_async: bool = attrs.field(init=False)
     commands_processed: int = 0
     #: Set when the system begins to stop: no new commit starts, running ones get
@@ -236,35 +266,35 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
     shared: Shared[CommandT, EventT, EntityT]
     aggregate_id: str
     live: Live
-    idle_timeout: float
-    #: Called when the task has been idle for ``idle_timeout``; True means "stop now".
-    retire: Callable[[], bool]
     entity: Any = None
     sequence: int = 0
     has_snapshot: bool = False
     #: The cache must be (re)loaded before use (invariant 3).
     stale: bool = True
-    #: The messages taken and not answered yet (invariant 1).
-    in_hand: list[AggregateMessage] = attrs.Factory(list)
+    #: The messages taken and not answered yet (invariant 1); an empty tuple, not a
+    #: list, while the task waits.
+    in_hand: list[AggregateMessage] | tuple[()] = ()
 
     async def run(self) -> None:
         """Serve the aggregate until idle for ``idle_timeout`` (or cancelled, or crashed)."""
         live = self.live
+        shared = self.shared
+        # The task's start was a scheduling point: its first message needs no checkpoint.
+        started = True
         try:
             while True:
                 message = live.take()
                 if message is None:
-                    deadline = trio.current_time() + self.idle_timeout
-                    with trio.CancelScope(deadline=deadline):
-                        message = await live.mailbox.get()
+                    message = await live.get_or_idle(shared.idle)
                     if message is None:
-                        if self.retire():
+                        if shared.retire(live):
                             return
                         continue
-                else:
+                elif not started:
                     # A checkpoint per message, so that a busy aggregate whose store never
                     # awaits cannot starve the other tasks (waiting in get() was one).
                     await trio.lowlevel.checkpoint()
+                started = False
                 if isinstance(message, _EXECUTES):
                     batch: list[Execute] = [message]
                     while len(batch) < MAX_BATCH:
@@ -272,7 +302,7 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                         if queued is None:
                             break
                         if not isinstance(queued, _EXECUTES):
-                            live.backlog.insert(0, queued)
+                            live.put_back((queued,))
                             break
                         batch.append(queued)
                     self.in_hand = list(batch)
@@ -282,17 +312,16 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
                 else:
                     self.in_hand = [message]
                     await self._read(message)
-                    self.in_hand = []
-                live.last_active = trio.current_time()
+                self.in_hand = ()
         finally:
             # Invariant 1: whatever is in hand and unanswered goes back, first in line.
             self._give_back(self.in_hand)
-            self.in_hand = []
+            self.in_hand = ()
 
     def _give_back(self, messages: Sequence[AggregateMessage]) -> None:
         if "fifo_violation_across_restart" in planted_bugs:
             messages = list(reversed(messages))
-        self.live.backlog[:0] = messages
+        self.live.put_back(messages)
 
     def _answer(self, message: AggregateMessage, result: outcome.Outcome[Any]) -> None:
         self._release(message)
@@ -300,9 +329,10 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
 
     def _release(self, message: AggregateMessage) -> None:
         # By identity: two equal commands are still two messages.
-        for index, held in enumerate(self.in_hand):
+        in_hand = self.in_hand
+        for index, held in enumerate(in_hand):
             if held is message:
-                del self.in_hand[index]
+                del in_hand[index]  # type: ignore[union-attr]  # non-empty: a list
                 return
 
     # -- reads ------------------------------------------------------------------------

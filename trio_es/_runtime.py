@@ -32,7 +32,7 @@ import trio
 from ._aggregate import AggregateTask, Live, Shared, refuse, reply
 from ._errors import AggregateCrashed, MailboxFull, SystemStopped
 from ._store import EventStore
-from ._subject import DEFAULT_CAPACITY, Name, Subject, named_subject
+from ._subject import DEFAULT_CAPACITY, IdleTimers, Name, Subject, named_subject
 from ._supervisor import (
     ChildSpecification,
     DynamicSupervisor,
@@ -210,9 +210,12 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         if isinstance(message, GetSystemStats):
             reply(message.reply_to, outcome.Value(self.stats()))
         elif isinstance(message, _AGGREGATE_MESSAGES):
-            live = self.live.get(message.aggregate_id) or self._spawn(message.aggregate_id)
+            # Not `get(...) or _spawn(...)`: an empty mailbox is falsy (it has a length).
+            live = self.live.get(message.aggregate_id)
+            if live is None:
+                live = self._spawn(message.aggregate_id)
             try:
-                live.mailbox.send(message)
+                live.send(message)
             except MailboxFull as error:
                 refuse(message, error)
         else:
@@ -235,9 +238,11 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
                 public = self._public = named_subject(self.name)
             while len(public):
                 self.dispatch(public.get_nowait())
-            live = self.live.get(message.aggregate_id) or self._spawn(message.aggregate_id)
+            live = self.live.get(message.aggregate_id)
+            if live is None:
+                live = self._spawn(message.aggregate_id)
             try:
-                await live.mailbox.send_wait(message)
+                await live.send_wait(message)
                 return
             except trio.ClosedResourceError:
                 if live.closed_error is not None and not self.stopped:
@@ -245,45 +250,42 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
                 # (else the loop raises SystemStopped)
 
     def _spawn(self, aggregate_id: str) -> Live:
-        live = Live(
-            Subject(capacity=self.options.mailbox_capacity, label=f"aggregate {aggregate_id!r}")
-        )
+        live = Live(aggregate_id, self.options.mailbox_capacity)
         self.live[aggregate_id] = live
-        self._start(aggregate_id, live)
+        self._start(live)
         return live
 
-    def _start(self, aggregate_id: str, live: Live) -> None:
+    def _start(self, live: Live) -> None:
         if self.aggregates is None or self.stopped:
             # The aggregate supervisor is restarting; it starts every queued mailbox when up.
             return
-        child = _AggregateChild(self, aggregate_id, live)
+        child = _AggregateChild(self, live)
         try:
-            self.aggregates.start_child(
-                # Built directly, not through worker(): one per first visit. Named by the
-                # mailbox's label, so one string serves both.
-                ChildSpecification(child, Restart.TRANSIENT, live.mailbox.label),
-                on_give_up=child.gave_up,
+            # Without a ChildSpecification (one per first visit); named by the mailbox's
+            # label, so one string serves both.
+            self.aggregates._start_child(
+                child, Restart.TRANSIENT, live.label, live.label, child.gave_up
             )
         except RuntimeError:
             # The supervisor is stopping: the final sweep answers what is queued.
             return
 
-    def _gave_up(self, aggregate_id: str, live: Live, error: SupervisorGaveUp) -> None:
+    def _gave_up(self, live: Live, error: SupervisorGaveUp) -> None:
+        aggregate_id = live.aggregate_id
         if self.live.get(aggregate_id) is live:
             del self.live[aggregate_id]
         cause = error.__cause__
         crashed = AggregateCrashed(aggregate_id=aggregate_id, restarts=error.restarts)
         crashed.__cause__ = cause
-        for message in live.close(crashed):
+        for message in live.close_for_good(crashed):
             refuse(message, crashed)
 
-    def _retire(self, aggregate_id: str, live: Live) -> bool:
-        """Forget an idle aggregate, unless a message arrived for it meanwhile."""
-        idle_for = trio.current_time() - live.last_active
-        if not live.idle() or idle_for < self.options.idle_timeout:
+    def _retire(self, live: Live) -> bool:
+        """Forget an aggregate idle for ``idle_timeout``, unless a message arrived meanwhile."""
+        if not live.idle():
             return False
-        if self.live.get(aggregate_id) is live:
-            del self.live[aggregate_id]
+        if self.live.get(live.aggregate_id) is live:
+            del self.live[live.aggregate_id]
         return True
 
     # -- stopping (the facade's block exits) --
@@ -301,7 +303,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         """
         stopped = SystemStopped("the call")
         for live in list(self.live.values()):
-            for message in live.close(stopped):
+            for message in live.close_for_good(stopped):
                 refuse(message, SystemStopped(_operation(message)))
         self.live.clear()
         public = named_subject(self.name)
@@ -414,10 +416,11 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             self.aggregates = supervisor
             try:
                 # After a restart of this supervisor, serve the mailboxes that survived it.
-                for aggregate_id, live in list(self.live.items()):
-                    self._start(aggregate_id, live)
+                for live in list(self.live.values()):
+                    self._start(live)
                 task_status.started()
-                await trio.sleep_forever()
+                # This task times every waiting aggregate's idle deadline.
+                await self.shared.idle.run()
             finally:
                 self.aggregates = None
 
@@ -447,7 +450,6 @@ class _AggregateChild:
     """
 
     runtime: _Runtime[Any, Any, Any]
-    aggregate_id: str
     live: Live
 
     def __call__(
@@ -459,19 +461,15 @@ class _AggregateChild:
         itself: a wrapping ``async def`` would keep one more frame alive per live
         aggregate. The dynamic supervisor does not wait for ``task_status``.
         """
-        runtime = self.runtime
+        live = self.live
         task: AggregateTask[Any, Any, Any] = AggregateTask(
-            runtime.shared, self.aggregate_id, self.live, runtime.options.idle_timeout, self.retire
+            self.runtime.shared, live.aggregate_id, live
         )
         return task.run()
 
-    def retire(self) -> bool:
-        """Forget the idle aggregate, unless a message arrived for it meanwhile."""
-        return self.runtime._retire(self.aggregate_id, self.live)
-
     def gave_up(self, error: SupervisorGaveUp) -> None:
         """The aggregate kept crashing and was stopped: answer what waits for it."""
-        self.runtime._gave_up(self.aggregate_id, self.live, error)
+        self.runtime._gave_up(self.live, error)
 
 
 async def _discard_forever(mailbox: Subject[Any]) -> None:
@@ -558,6 +556,9 @@ def build_runtime(
     async def publish(aggregate_id: str, envelopes: Sequence[EventEnvelope[EventT]]) -> None:
         await runtime.publish(aggregate_id, envelopes)
 
+    def retire(live: Live) -> bool:
+        return runtime._retire(live)
+
     shared: Shared[CommandT, EventT, EntityT] = Shared(
         store=eventstore,
         handle=handle,
@@ -567,6 +568,8 @@ def build_runtime(
         transaction_retries=options.transaction_retries,
         shutdown_grace=options.shutdown_grace,
         publish=publish,
+        idle=IdleTimers(options.idle_timeout),
+        retire=retire,
     )
     runtime = _Runtime(name=name, shared=shared, queries=queries, options=options)
     return runtime

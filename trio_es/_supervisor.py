@@ -863,7 +863,8 @@ class _DynamicRun:
     async def child_task(
         self,
         handle: ChildHandle,
-        spec: ChildSpecification,
+        start: _StartFn,
+        restart: Restart,
         on_give_up: Callable[[SupervisorGaveUp], None] | None,
     ) -> None:
         """Run and restart one child; tell ``on_give_up`` if it alone was given up on.
@@ -880,17 +881,17 @@ class _DynamicRun:
                 failure: Exception | None = None
                 try:
                     with scope:
-                        await spec.start(task_status=trio.TASK_STATUS_IGNORED)
+                        await start(task_status=trio.TASK_STATUS_IGNORED)
                 except Exception as exc:
                     failure = exc
                 if scope.cancel_called or not self.accepting:
                     break
-                if not _should_restart(spec.restart, failure):
+                if not _should_restart(restart, failure):
                     if failure is not None:
                         logger.warning(
                             "supervisor %r: %s child %r failed with %r; not restarting it",
                             self.label,
-                            spec.restart.value,
+                            restart.value,
                             handle._label,
                             failure,
                         )
@@ -1074,11 +1075,33 @@ class DynamicSupervisor:
                 f"start_child() takes a ChildSpecification (got {child!r}); wrap the start "
                 "function with worker(start)"
             )
-        label = child.label
-        handle = ChildHandle(child.name, label)
+        return self._start_child(child.start, child.restart, child.name, child.label, on_give_up)
+
+    def _start_child(
+        self,
+        start: _StartFn,
+        restart: Restart,
+        name: str | None,
+        label: str,
+        on_give_up: Callable[[SupervisorGaveUp], None] | None,
+    ) -> ChildHandle:
+        """:meth:`start_child` without the specification, for a caller whose values are valid.
+
+        The runtime starts one child per first visit of an aggregate: a specification,
+        validated and then dropped, would cost time on every one of them.
+        """
+        state = self._run
+        if state is None or not state.accepting or state.nursery is None:
+            raise RuntimeError(
+                f"supervisor {self._label!r} is not running; start children after "
+                "`await nursery.start(supervisor.run)` and before it stops"
+            )
+        handle = ChildHandle(name, label)
         state.live[handle] = None
         if _parent_link.get() is None:
-            state.nursery.start_soon(state.child_task, handle, child, on_give_up, name=label)
+            state.nursery.start_soon(
+                state.child_task, handle, start, restart, on_give_up, name=label
+            )
             return handle
         # The child's task copies the caller's context: it must not inherit the link of a
         # static supervisor above the caller (see _StopLink); children of a dynamic
@@ -1086,7 +1109,9 @@ class DynamicSupervisor:
         # context that differs from its parent's costs memory in every child.)
         token = _parent_link.set(None)
         try:
-            state.nursery.start_soon(state.child_task, handle, child, on_give_up, name=label)
+            state.nursery.start_soon(
+                state.child_task, handle, start, restart, on_give_up, name=label
+            )
         finally:
             _parent_link.reset(token)
         return handle
