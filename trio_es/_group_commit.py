@@ -37,7 +37,8 @@ class _Waiter(Generic[PlanT]):
     plan: PlanT
     result: outcome.Outcome[Any] | None = None
     promoted: bool = False
-    wake: trio.Event = attrs.Factory(trio.Event)
+    #: Set when the waiter must wait (a batch is in flight): a lone leader never does.
+    wake: trio.Event | None = None
 
 
 @final
@@ -100,8 +101,9 @@ class GroupCommit(Generic[PlanT]):
         waiter: _Waiter[PlanT] = _Waiter(plan)
         self._queue.append(waiter)
         if self._busy:
+            wake = waiter.wake = trio.Event()
             try:
-                await waiter.wake.wait()
+                await wake.wait()
             except BaseException:
                 # Cancelled, or KeyboardInterrupt delivered at this checkpoint: either way
                 # this caller leaves, and a waiter left in the queue would be promoted to
@@ -125,7 +127,10 @@ class GroupCommit(Generic[PlanT]):
             plans = [waiter.plan for waiter in batch]
             # Alone, the leader's own cancellation may interrupt its commit; when others
             # wait on the batch, it must not fail them.
-            with trio.CancelScope(shield=len(batch) > 1):
+            if len(batch) > 1:
+                with trio.CancelScope(shield=True):
+                    returned = await self.commit_batch(plans)
+            else:
                 returned = await self.commit_batch(plans)
             if len(returned) != len(batch):
                 raise RuntimeError(
@@ -151,7 +156,8 @@ class GroupCommit(Generic[PlanT]):
             answers = _failed(batch_size=len(batch), failure=failure)
         for waiter, result in zip(batch, answers, strict=True):
             waiter.result = result
-            waiter.wake.set()
+            if waiter.wake is not None:
+                waiter.wake.set()
         self._promote_next()
 
     def _withdraw(self, waiter: _Waiter[PlanT]) -> None:
@@ -165,6 +171,8 @@ class GroupCommit(Generic[PlanT]):
         if self._queue:
             head = self._queue[0]
             head.promoted = True
+            # Queued while a batch was in flight, so it waits on its event.
+            assert head.wake is not None
             head.wake.set()
         else:
             self._busy = False

@@ -139,10 +139,11 @@ class PooledConnection:
     def usable(self) -> bool:
         """Whether the connection can go back to the pool: open, idle, not given up on."""
         raw = self.raw
+        # pgconn's status, not ``raw.info``'s: that builds an object on every call.
         return (
             not self.discarded
             and not raw.closed
-            and raw.info.transaction_status == TransactionStatus.IDLE
+            and raw.pgconn.transaction_status == TransactionStatus.IDLE
         )
 
     def discard(self) -> None:

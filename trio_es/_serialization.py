@@ -148,11 +148,17 @@ def default_converter() -> cattrs.Converter:
     return converter
 
 
+#: Compact, strict JSON (no NaN/Infinity, which PostgreSQL's json types refuse).
+#: ensure_ascii=False keeps non-Latin text readable and small. Built once: ``json.dumps``
+#: with options builds an encoder on every call, and this runs once per event.
+_ENCODE: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False
+).encode
+
+
 def _dumps(value: object) -> str:
-    # Compact, strict JSON (no NaN/Infinity, which PostgreSQL's json types refuse).
-    # ensure_ascii=False keeps non-Latin text readable and small; the check below refuses
-    # lone surrogates, which no database's UTF-8 text can hold.
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # The check below refuses lone surrogates, which no database's UTF-8 text can hold.
+    text = _ENCODE(value)
     if not text.isascii():
         text.encode("utf-8")
     return text
