@@ -151,9 +151,7 @@ def default_converter() -> cattrs.Converter:
 #: Compact, strict JSON (no NaN/Infinity, which PostgreSQL's json types refuse).
 #: ensure_ascii=False keeps non-Latin text readable and small. Built once: ``json.dumps``
 #: with options builds an encoder on every call, and this runs once per event.
-_ENCODE: Final = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False
-).encode
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def _dumps(value: object) -> str:
