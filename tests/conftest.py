@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -64,6 +65,24 @@ def postgres_dsn(postgres_databases: _pg.Databases) -> Iterator[str]:
     """The DSN of a fresh, empty database with a random name, force-dropped after the test."""
     with postgres_databases.fresh() as dsn:
         yield dsn
+
+
+@pytest.fixture
+def raw(postgres_dsn: str) -> Iterator[Any]:
+    """A plain autocommit connection to the test database, for inspection and faults.
+
+    It never holds a transaction open: PostgreSQL freezes pg_stat_activity for the
+    length of a transaction, so watching the store must happen outside one.
+    """
+    with _pg.connect(postgres_dsn, application_name="trio_es_test") as connection:
+        yield connection
+
+
+@pytest.fixture
+def blocker(postgres_dsn: str) -> Iterator[Any]:
+    """Another session of the test database, to hold locks in an open transaction."""
+    with _pg.connect(postgres_dsn, application_name="trio_es_blocker") as connection:
+        yield connection
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import functools
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,20 +40,6 @@ pytestmark = pytest.mark.postgres
 _NO_POLL = 60.0
 #: What the timing checks allow for a wake-up that should be immediate.
 _PROMPT = 2.0
-
-
-@pytest.fixture
-def raw(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """A plain autocommit connection to the test database, for inspection and faults."""
-    with _pg.connect(postgres_dsn, application_name="trio_es_test") as connection:
-        yield connection
-
-
-@pytest.fixture
-def blocker(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """Another session of the test database, to hold locks in an open transaction."""
-    with _pg.connect(postgres_dsn, application_name="trio_es_blocker") as connection:
-        yield connection
 
 
 def _open(dsn: str, **options: Any) -> Any:

@@ -12,10 +12,10 @@ import os
 import random
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import outcome
 import psycopg
@@ -49,24 +49,6 @@ from trio_es.testing._conformance import OpenStore
 from . import _bank, _batching, _ledger, _loading, _pg
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def raw(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """A plain autocommit connection to the test database, for inspection and faults.
-
-    It never holds a transaction open: PostgreSQL freezes pg_stat_activity for the
-    length of a transaction, so watching the store must happen outside one.
-    """
-    with _pg.connect(postgres_dsn, application_name="trio_es_test") as connection:
-        yield connection
-
-
-@pytest.fixture
-def blocker(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """Another session of the test database, to hold locks in an open transaction."""
-    with _pg.connect(postgres_dsn, application_name="trio_es_blocker") as connection:
-        yield connection
 
 
 class TestPostgresStoreConformance(EventStoreConformance):
@@ -491,6 +473,32 @@ async def test_two_stores_conflict_like_two_processes(postgres_dsn: str) -> None
         assert [e.payload for e in await _load(first, "acc")] == [Added(1), Added(2)]
 
 
+#: Sequence 2 of "acc", inserted by another program (without the store's commit lock).
+_SEQUENCE_2_BEHIND_THE_STORE: Final = (
+    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
+    "event_version, payload, metadata, recorded_at, event_id) VALUES ('default', "
+    """'acc', 2, 'conformance.Added', 1, '{"amount": 99}', '[]', now(), """
+    "gen_random_uuid())"
+)
+
+
+async def _commit_blocked_until(
+    store: Any, raw: Any, release: Callable[[], object]
+) -> outcome.Outcome[int]:
+    """The outcome of committing ``Added(2)`` after sequence 1 of "acc", which blocks on
+    the server; ``release()`` is called once the store's backend waits."""
+    result: list[outcome.Outcome[int]] = []
+
+    async def commit() -> None:
+        result.append(await outcome.acapture(_commit, store, "acc", 1, [Added(2)]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit)
+        await _wait_until_blocked(raw)
+        release()
+    return result[0]
+
+
 async def test_unique_key_backs_the_check(postgres_dsn: str, raw: Any, blocker: Any) -> None:
     """A row written behind the store's back between check and insert still makes a conflict."""
     async with _open(postgres_dsn) as store:
@@ -498,23 +506,14 @@ async def test_unique_key_backs_the_check(postgres_dsn: str, raw: Any, blocker: 
         # Hold the commit lock, so the store's commit passes its check and then waits.
         blocker.execute("BEGIN")
         blocker.execute("SELECT pg_advisory_xact_lock(%s)", (pg_module._commit_lock_key("events"),))
-        result: list[outcome.Outcome[int]] = []
 
-        async def commit() -> None:
-            result.append(await outcome.acapture(_commit, store, "acc", 1, [Added(2)]))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(commit)
-            await _wait_until_blocked(raw)
-            raw.execute(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
-                "event_version, payload, metadata, recorded_at, event_id) VALUES ('default', "
-                """'acc', 2, 'conformance.Added', 1, '{"amount": 99}', '[]', now(), """
-                "gen_random_uuid())"
-            )
+        def release() -> None:
+            raw.execute(_SEQUENCE_2_BEHIND_THE_STORE)
             blocker.execute("COMMIT")
+
+        result = await _commit_blocked_until(store, raw, release)
         with pytest.raises(ConcurrencyConflict) as info:
-            result[0].unwrap()
+            result.unwrap()
         assert (info.value.expected_sequence, info.value.actual_sequence) == (1, 2)
         assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(99)]
 
@@ -774,23 +773,10 @@ async def test_unique_key_backs_the_check_against_writers_without_the_lock(
         # Not committed: invisible to the store's check, which passes; its insert then
         # waits on the unique key for this transaction, and fails once it commits.
         blocker.execute("BEGIN")
-        blocker.execute(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
-            "event_version, payload, metadata, recorded_at, event_id) VALUES ('default', "
-            """'acc', 2, 'conformance.Added', 1, '{"amount": 99}', '[]', now(), """
-            "gen_random_uuid())"
-        )
-        result: list[outcome.Outcome[int]] = []
-
-        async def commit() -> None:
-            result.append(await outcome.acapture(_commit, store, "acc", 1, [Added(2)]))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(commit)
-            await _wait_until_blocked(raw)
-            blocker.execute("COMMIT")
+        blocker.execute(_SEQUENCE_2_BEHIND_THE_STORE)
+        result = await _commit_blocked_until(store, raw, lambda: blocker.execute("COMMIT"))
         with pytest.raises(ConcurrencyConflict) as info:
-            result[0].unwrap()
+            result.unwrap()
         assert (info.value.expected_sequence, info.value.actual_sequence) == (1, 2)
     assert _sequences(raw) == {"acc": [1, 2]}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import outcome
@@ -23,13 +23,6 @@ from . import _pg
 pytestmark = pytest.mark.postgres
 
 _LOCK_KEY = 4242
-
-
-@pytest.fixture
-def raw(postgres_dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """A plain autocommit connection to the test database, to inspect and to hold locks."""
-    with _pg.connect(postgres_dsn, application_name="trio_es_test") as connection:
-        yield connection
 
 
 @pytest.fixture
@@ -172,29 +165,26 @@ async def test_a_pipeline_larger_than_the_socket_buffers_does_not_stall(
 
 
 async def test_a_cancelled_exchange_is_stopped_on_the_server_and_the_connection_kept(
-    conn: PooledConnection, raw: Any, postgres_dsn: str
+    conn: PooledConnection, raw: Any, blocker: Any
 ) -> None:
     """Cancelled while a statement waits for a lock: the server stops it, the session is idle."""
-    with _pg.connect(postgres_dsn, application_name="trio_es_blocker") as blocker:
-        blocker.execute("BEGIN")
-        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
-        with trio.move_on_after(0.3) as scope:
-            await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
-        assert scope.cancelled_caught
-        assert conn.usable()
-        assert not conn.discarded
-        pid = conn.raw.info.backend_pid
-        state = raw.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-        assert state == ("idle",)
-        blocker.execute("ROLLBACK")
+    blocker.execute("BEGIN")
+    blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
+    with trio.move_on_after(0.3) as scope:
+        await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
+    assert scope.cancelled_caught
+    assert conn.usable()
+    assert not conn.discarded
+    pid = conn.raw.info.backend_pid
+    state = raw.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    assert state == ("idle",)
+    blocker.execute("ROLLBACK")
     [result] = await conn.exchange([(Query.of("SELECT %s::int"), (7,))])
     assert _values(conn, result) == [(7,)]
 
 
-async def test_a_connection_lost_mid_exchange_is_given_up(
-    conn: PooledConnection, raw: Any, postgres_dsn: str
-) -> None:
+async def test_a_connection_lost_mid_exchange_is_given_up(conn: PooledConnection, raw: Any) -> None:
     """The server ends the session while a statement runs: OperationalError, connection dropped."""
     sleep = Query.of("SELECT pg_sleep(%s::float)")
 
@@ -249,18 +239,20 @@ async def test_commits_and_loads_take_no_worker_thread(
         async def no_thread(*args: object, **kwargs: object) -> object:
             raise AssertionError("a worker thread was used on the hot path")
 
-        monkeypatch.setattr(PooledConnection, "run", no_thread)
-        assert await _commit(store, "acc", 0, [Added(1), Added(2)]) == 2
-        assert await _commit(store, "acc", 2, [Added(3)]) == 3
-        async with store.transaction() as tx:
-            events = await store.load_events(tx, "acc", 1)
-            snapshot, tail = await store.load_snapshot_and_events(tx, "acc")
+        # Only around the hot path: closing the store hands its connections to a thread.
+        with monkeypatch.context() as patched:
+            patched.setattr(trio.to_thread, "run_sync", no_thread)
+            assert await _commit(store, "acc", 0, [Added(1), Added(2)]) == 2
+            assert await _commit(store, "acc", 2, [Added(3)]) == 3
+            async with store.transaction() as tx:
+                events = await store.load_events(tx, "acc", 1)
+                snapshot, tail = await store.load_snapshot_and_events(tx, "acc")
         assert [e.sequence for e in events] == [2, 3]
         assert snapshot is None
         assert [e.sequence for e in tail] == [1, 2, 3]
 
 
-async def test_a_refused_batch_leaves_the_prepared_statements_in_place(
+async def test_a_refused_batch_is_redone_in_a_thread_and_the_connection_serves_on(
     postgres_dsn: str,
 ) -> None:
     """A batch refused on the wire and redone in a worker thread: each plan answered, and the

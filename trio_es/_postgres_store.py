@@ -77,7 +77,6 @@ from ._postgres_connection import (
     CLEANUP_SECONDS,
     Backend,
     Call,
-    CallFn,
     Connection,
     PooledConnection,
     close_quietly,
@@ -94,7 +93,6 @@ from ._sql import (
     SCHEMA_VERSION,
     Dialect,
     EventRow,
-    Queryable,
     SnapshotRow,
     Statements,
     check_aggregate_type,
@@ -922,9 +920,7 @@ class PostgresStore(SqlStoreShell[PostgresTransaction[EventT, EntityT], EventT, 
         self._notify = _notify_statement(self._statements.events_table_key)
         self._head = async_value(0)
         self._group_commit = GroupCommit(self._commit_batch)
-        self._reads = SqlReads(
-            self._statements, self.transcoder, self.aggregate_type, self._read, self._fetch
-        )
+        self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._fetch)
 
     @classmethod
     @asynccontextmanager
@@ -1026,12 +1022,6 @@ class PostgresStore(SqlStoreShell[PostgresTransaction[EventT, EntityT], EventT, 
             with trio.move_on_after(CLEANUP_SECONDS, shield=True):
                 await pool.aclose()
 
-    async def _run(self, fn: CallFn[T], doing: str) -> T:
-        try:
-            return await self._pool.run(fn)
-        except psycopg.Error as error:
-            raise translate_error(error, doing=doing, server=self.server) from error
-
     async def _use(self, use: Callable[[PooledConnection], Awaitable[T]], doing: str) -> T:
         try:
             return await self._pool.use(use)
@@ -1062,9 +1052,6 @@ class PostgresStore(SqlStoreShell[PostgresTransaction[EventT, EntityT], EventT, 
     ) -> None:
         _check_metadata(metadata, aggregate_id)
         _check_rows(events, snapshots)
-
-    async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
-        return await self._run(lambda raw, _: fn(raw), doing)
 
     def transaction(self) -> AbstractAsyncContextManager[PostgresTransaction[EventT, EntityT]]:
         """Open a transaction; its writes are committed together when the block exits.

@@ -353,7 +353,8 @@ class FetchRows(Protocol):
 @final
 @attrs.frozen
 class SqlReads(Generic[EventT, EntityT]):
-    """The reads of a SQL store: each is one worker-thread call through :attr:`run`.
+    """The reads of a SQL store: each is one statement through :attr:`fetch`, except a
+    cold load, which is one call through :attr:`run` where the store has it.
 
     Reads inside a transaction see the latest committed data merged with what the
     transaction buffered (see :class:`PendingWrites`). Ids are checked by the store
@@ -364,20 +365,18 @@ class SqlReads(Generic[EventT, EntityT]):
     statements: Statements
     transcoder: Transcoder
     aggregate_type: str
-    run: RunRead
-    #: A store that can read without a worker thread (PostgreSQL) reads one statement
-    #: through it; otherwise :attr:`run` reads.
-    fetch: FetchRows | None = None
+    #: Runs one read statement (SQLite: on its reader thread; PostgreSQL: from the Trio
+    #: thread, no thread at all).
+    fetch: FetchRows
+    #: Runs several statements in one worker-thread call, where a store has threads: a
+    #: cold load then costs one hop, not two. Without it, they are fetched one by one.
+    run: RunRead | None = None
 
     async def _rows(
         self, sql: str, parameters: Sequence[object], doing: str
     ) -> Sequence[Sequence[Any]]:
-        """The rows of one read statement, through :attr:`fetch` or :attr:`run`."""
-        if self.fetch is not None:
-            return await self.fetch(sql, parameters, doing)
-        return await self.run(
-            lambda connection: connection.execute(sql, parameters).fetchall(), doing
-        )
+        """The rows of one read statement."""
+        return await self.fetch(sql, parameters, doing)
 
     def _events(
         self, aggregate_id: str, rows: Sequence[Sequence[Any]]
@@ -422,7 +421,7 @@ class SqlReads(Generic[EventT, EntityT]):
         staged = pending.snapshot(aggregate_id)
         if staged is not None:
             return staged, await self.load_events(pending, aggregate_id, staged.sequence)
-        if self.fetch is not None:
+        if self.run is None:
             # No worker thread: two statements from the Trio thread, the events read
             # after the snapshot, as below.
             snapshot = await self.load_snapshot(pending, aggregate_id)

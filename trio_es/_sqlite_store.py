@@ -572,7 +572,9 @@ class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, Enti
 
     def __attrs_post_init__(self) -> None:
         self._group_commit = GroupCommit(self._commit_batch)
-        self._reads = SqlReads(self._statements, self.transcoder, self.aggregate_type, self._read)
+        self._reads = SqlReads(
+            self._statements, self.transcoder, self.aggregate_type, self._fetch, self._read
+        )
         self._head = async_value(0)
 
     @classmethod
@@ -696,6 +698,14 @@ class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, Enti
             raise translate_error(
                 error, doing=doing, path=self.path, busy_timeout_ms=self._busy_timeout_ms
             ) from error
+
+    async def _fetch(
+        self, sql: str, parameters: Sequence[object], doing: str
+    ) -> Sequence[Sequence[Any]]:
+        """The rows of one read statement, on the reader connection's thread."""
+        return await self._read(
+            lambda connection: connection.execute(sql, parameters).fetchall(), doing
+        )
 
     async def _read(self, fn: Callable[[Queryable], T], doing: str) -> T:
         # Reads need no interrupt checks of their own: one statement, interrupted in SQLite.
