@@ -791,3 +791,25 @@ async def test_opening_prepares_the_transcoder(tmp_path: Path) -> None:
     await _loading.assert_opening_prepares_the_transcoder(
         lambda transcoder: SqliteStore.open(tmp_path / "es.db", transcoder=transcoder)
     )
+
+
+async def test_opening_compiles_a_loads_statements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Open runs a load's two reads once on the reader, so the first load finds them compiled."""
+    traced: dict[int, list[str]] = {}
+    connect = sqlite3.connect
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        connection.set_trace_callback(traced.setdefault(id(connection), []).append)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", traced_connect)
+    async with _open(tmp_path / "es.db") as store:
+        ran = traced[id(store._reader.raw)]
+        statements = store._statements
+        for sql in (statements.select_snapshot, statements.select_events):
+            # The trace shows the statement with its parameters filled in.
+            head = sql.split(" WHERE ")[0]
+            assert [text for text in ran if text.startswith(head)], (head, ran)

@@ -317,6 +317,19 @@ def _insert_after_statement(events_table: str) -> str:
     )
 
 
+def _insert_after_and_notify_statement(events_table: str) -> str:
+    """:func:`_insert_after_statement` that also announces the commit, for its last event.
+
+    ``pg_notify(channel, the event's position)`` in ``RETURNING`` runs as the row is
+    inserted, and like :func:`_notify_statement` is delivered when (and only if) the
+    transaction commits. The last event inserted under the commit lock has the commit's
+    last position, which is what :func:`_notify_statement` announces.
+
+    Parameters: :func:`_insert_after_parameters`, then the channel.
+    """
+    return f"{_insert_after_statement(events_table)}, pg_notify(%s, global_position::text)"
+
+
 def _insert_after_parameters(
     row: EventRow, aggregate_type: str, recorded_at: datetime.datetime
 ) -> tuple[object, ...]:
@@ -480,12 +493,15 @@ async def _commit_wire(
     first_insert = len(sent) + 1
     if events:
         sent.append((_LOCK, (first.lock_key,)))
-        insert = _wire_query(_insert_after(statements.events_table_key))
+        table = statements.events_table_key
+        insert = _wire_query(_insert_after(table))
         sent.extend(
             (insert, _insert_after_parameters(row, aggregate_type, recorded_at)) for row in events
         )
         if first.channel is not None and first.notify is not None:
-            sent.append((_wire_query(first.notify), (first.channel,)))
+            # The last insert announces the commit itself: one statement fewer to run.
+            last = sent[-1][1]
+            sent[-1] = (_wire_query(_insert_after_and_notify(table)), (*last, first.channel))
     sent.append((COMMIT, ()))
     try:
         results = await conn.exchange(sent)
@@ -556,6 +572,7 @@ def _refuse_if_closed_while_idle(raw: Connection) -> None:
 
 #: :func:`_insert_after_statement` per events table (built once).
 _insert_after: Final = functools.cache(_insert_after_statement)
+_insert_after_and_notify: Final = functools.cache(_insert_after_and_notify_statement)
 
 
 def _check_plans(

@@ -481,14 +481,17 @@ def _migrate_v1(connection: sqlite3.Connection, events_table: str) -> None:
         connection.create_function("trio_es_uuid4", 0, None)
 
 
-def _open_reader(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+def _open_reader(path: str, statements: Statements, busy_timeout_ms: int) -> sqlite3.Connection:
     connection = sqlite3.connect(
         path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
     )
     try:
         connection.execute("PRAGMA query_only=ON")
-        # Read the schema now, at open, not in the first load a caller waits for.
-        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        # Read the schema and compile a load's two statements now, at open, not in the
+        # first load a caller waits for: sqlite3 keeps compiled statements per connection,
+        # keyed by their text, and the aggregate type '' matches no row.
+        connection.execute(statements.select_snapshot, ("", "")).fetchall()
+        connection.execute(statements.select_events, ("", "", 0)).fetchall()
     except BaseException:
         connection.close()
         raise
@@ -653,7 +656,9 @@ class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, Enti
         store: SqliteStore[Any, Any] | None = None
         try:
             try:
-                reader = await trio.to_thread.run_sync(_open_reader, text_path, busy_timeout_ms)
+                reader = await trio.to_thread.run_sync(
+                    _open_reader, text_path, statements, busy_timeout_ms
+                )
             except sqlite3.Error as error:
                 raise translate_error(
                     error, doing="opening", path=text_path, busy_timeout_ms=busy_timeout_ms
