@@ -23,6 +23,7 @@ import outcome
 import trio
 
 from ._errors import CheckpointMoved, ConcurrencyConflict, EventStoreError
+from ._event_id import new_event_id
 from ._store import check_events, check_read_all, placed
 from ._subject import Name, Subject, named_subject, new_subject, receive
 from ._supervisor import ChildSpecification, StaticSupervisor, Strategy, worker
@@ -254,7 +255,7 @@ def _stage(
         )
     envelopes = [
         MemoryStoreEventEnvelope(
-            aggregate_id, aggregate.sequence + i, event, metadata, event_id=uuid.uuid4()
+            aggregate_id, aggregate.sequence + i, event, metadata, event_id=new_event_id()
         )
         for i, event in enumerate(events, start=1)
     ]

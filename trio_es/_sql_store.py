@@ -25,6 +25,7 @@ import attrs
 import outcome
 
 from ._errors import ConcurrencyConflict, EventStoreError
+from ._event_id import new_event_id
 from ._serialization import Transcoder
 from ._sql import (
     EventRow,
@@ -154,7 +155,7 @@ class PendingWrites(Generic[EventT, EntityT]):
                     encoded.event_version,
                     encoded.payload,
                     metadata_text,
-                    uuid.uuid4(),
+                    new_event_id(),
                 )
             )
             envelopes.append(
