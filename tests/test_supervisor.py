@@ -18,6 +18,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trio_es import _supervisor
 from trio_es._errors import EventSourcingError
 from trio_es._subject import named_subject, new_name
 from trio_es.supervision import (
@@ -205,6 +206,31 @@ async def test_dynamic_stops_its_children_together_each_with_its_grace(
     assert warnings_and_errors(caplog) == (0, 0)
 
 
+async def test_dynamic_stops_all_its_children_with_one_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1,000 children are stopped by cancelling the supervisor's nursery once, not each scope."""
+    cancelled: list[trio.CancelScope] = []
+    cancel = trio.CancelScope.cancel
+
+    def counted(scope: trio.CancelScope, *args: Any, **kwargs: Any) -> None:
+        cancelled.append(scope)
+        cancel(scope, *args, **kwargs)
+
+    stopped: list[float] = []
+    sup = DynamicSupervisor(name="dyn")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        for _ in range(1_000):
+            sup.start_child(worker(_slow_to_stop(0, stopped.append)))
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.setattr(trio.CancelScope, "cancel", counted)
+        nursery.cancel_scope.cancel()
+    assert len(stopped) == 1_000
+    # This test's own cancel, then the supervisor's of its nursery.
+    assert len(cancelled) == 2, len(cancelled)
+
+
 async def test_dynamic_shutdown_reports_and_leaves_behind_a_child_that_ignores_cancellation(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,6 +285,54 @@ async def test_a_nested_supervisor_is_not_timed_by_its_parents_grace(
     assert stopped == [2.0] * 10 + [4.0, 6.0]
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "'a' ignored cancellation for 1 s" in record.getMessage()
+
+
+@pytest.mark.parametrize("straggler", [False, True])
+async def test_a_nested_dynamic_supervisors_stop_ends_when_its_nursery_has_closed(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, straggler: bool
+) -> None:
+    """Its parent is told after the nursery took its children in, or at once for a straggler."""
+    events: list[str] = []
+    run_nursery = _supervisor._run_nursery
+
+    async def recorded(body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+        try:
+            await run_nursery(body)
+        finally:
+            events.append("nursery closed")
+
+    leave = _supervisor._StopLink.leave
+
+    def left(link: Any) -> None:
+        events.append("parent told")
+        leave(link)
+
+    monkeypatch.setattr(_supervisor, "_run_nursery", recorded)
+    monkeypatch.setattr(_supervisor._StopLink, "leave", left)
+    inner = DynamicSupervisor(shutdown_grace=1, name="inner")
+
+    async def run_inner(task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(inner.run)
+            for _ in range(100):
+                inner.start_child(worker(_slow_to_stop(0, lambda _: None)))
+            if straggler:
+                inner.start_child(worker(_slow_to_stop(5, lambda _: None)))
+            task_status.started()
+            await trio.sleep_forever()
+
+    outer = StaticSupervisor(shutdown_grace=10, name="outer")
+    outer.add(worker(run_inner, name="inner-worker"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outer.run)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    # The outer supervisor's own nursery closes last.
+    inner_events = events[:2]
+    if straggler:
+        assert inner_events == ["parent told", "nursery closed"]
+    else:
+        assert inner_events == ["nursery closed", "parent told"]
 
 
 # --- strategies and restart types --------------------------------------------------------
