@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_es import Aggregate, ConcurrencyConflict
-from trio_es._postgres_connection import PooledConnection, connect
+from trio_es import Aggregate, ConcurrencyConflict, TransactionFailed
+from trio_es._postgres_connection import PooledConnection, connect, translate_error
 from trio_es._postgres_wire import BEGIN, COMMIT, ROLLBACK, Query, exchange
 from trio_es.postgres_store import PostgresStore
 from trio_es.testing import Added, Counter, conformance_transcoder
@@ -182,6 +182,47 @@ async def test_a_cancelled_exchange_is_stopped_on_the_server_and_the_connection_
     blocker.execute("ROLLBACK")
     [result] = await conn.exchange([(Query.of("SELECT %s::int"), (7,))])
     assert _values(conn, result) == [(7,)]
+
+
+async def test_a_statement_prepared_by_a_cancelled_exchange_is_known_afterwards(
+    conn: PooledConnection, blocker: Any
+) -> None:
+    """What a cancelled exchange prepared on the server is not prepared again (no 42P05)."""
+    blocker.execute("BEGIN")
+    blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
+    with trio.move_on_after(0.3) as scope:
+        await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
+    assert scope.cancelled_caught
+    blocker.execute("ROLLBACK")
+    results = await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
+    done, rows = psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK
+    assert [result.status for result in results] == [done, rows, done]
+
+
+@pytest.mark.parametrize("wrong", ["forgotten", "deallocated"])
+async def test_a_session_out_of_step_with_the_server_fails_once_then_recovers(
+    conn: PooledConnection, wrong: str
+) -> None:
+    """A statement the server holds unknown to the session, or gone from it: one retryable error."""
+    query = Query.of("SELECT %s::int * 5")
+    assert query.name is not None
+    await conn.exchange([(query, (1,))])
+    assert conn.session is not None
+    if wrong == "forgotten":
+        conn.session.prepared.discard(query.name)
+        expected: type[psycopg.Error] = psycopg.errors.DuplicatePreparedStatement
+    else:
+        await conn.exchange([(Query.of("DEALLOCATE ALL", prepare=False), ())])
+        expected = psycopg.errors.InvalidSqlStatementName
+    with pytest.raises(expected) as raised:
+        await conn.exchange([(query, (2,))])
+    assert isinstance(
+        translate_error(raised.value, doing="reading", server="here"), TransactionFailed
+    )
+    for n in range(3):
+        [result] = await conn.exchange([(query, (n,))])
+        assert _values(conn, result) == [(5 * n,)]
 
 
 async def test_a_connection_lost_mid_exchange_is_given_up(conn: PooledConnection, raw: Any) -> None:

@@ -409,6 +409,15 @@ def translate_error(error: psycopg.Error, *, doing: str, server: str) -> Excepti
             f"PostgreSQL aborted the transaction while {doing} ({said}); nothing was written, "
             "retry it"
         )
+    if isinstance(
+        error, psycopg.errors.InvalidSqlStatementName | psycopg.errors.DuplicatePreparedStatement
+    ):
+        # Raised at the statement's preparation, before it ran; the exchange rolled back
+        # what ran before it, and the session deallocates its statements before the next.
+        return TransactionFailed(
+            f"the connection to PostgreSQL at {server} had other prepared statements than "
+            f"trio_es expected while {doing} ({said}); nothing was written, retry it"
+        )
     if isinstance(error, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
         return TransactionFailed(
             f"PostgreSQL cancelled the statement while {doing} ({said}); nothing was written, "

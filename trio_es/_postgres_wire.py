@@ -85,6 +85,14 @@ class Session:
     prepared: set[bytes] = attrs.field(init=False, factory=set)
     #: Whether an exchange was interrupted: the session's state is unknown, give it up.
     broken: bool = attrs.field(init=False, default=False)
+    #: Whether ``prepared`` may be wrong (the server said a statement was missing or
+    #: already there): the next exchange deallocates everything and starts afresh.
+    resync: bool = attrs.field(init=False, default=False)
+    #: The exchange under way: which results are prepares (by index), and the results
+    #: read so far. Kept here, not in the exchange's frame, so that :func:`finish` can
+    #: still record what an interrupted exchange prepared on the server.
+    preparing: dict[int, bytes] = attrs.field(init=False, factory=dict)
+    received: list[pq.abc.PGresult] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.transformer = Transformer(self.raw)
@@ -110,10 +118,16 @@ async def exchange(
     await trio.lowlevel.checkpoint_if_cancelled()
     pgconn = session.raw.pgconn
     dump = session.transformer.dump_sequence
-    preparing: dict[int, bytes] = {}  # result index -> name being prepared
+    preparing = session.preparing = {}  # result index -> name being prepared
+    received = session.received = []
     position = 0
     pgconn.enter_pipeline_mode()
     try:
+        if session.resync:
+            pgconn.send_query_params(b"DEALLOCATE ALL", None)
+            position += 1
+            session.prepared.clear()
+            session.resync = False
         for query, parameters in statements:
             values = dump(parameters, [PyFormat.TEXT] * len(parameters)) if parameters else None
             name = query.name
@@ -128,7 +142,7 @@ async def exchange(
             position += 1
         pgconn.pipeline_sync()
         waited = await _flush(pgconn)
-        results, received_late = await _receive(pgconn)
+        received_late = await _receive(pgconn, received)
     except BaseException:
         session.broken = True
         raise
@@ -138,26 +152,42 @@ async def exchange(
             # connection up (see the module docstring).
             with contextlib.suppress(psycopg.OperationalError):
                 pgconn.exit_pipeline_mode()
+    _record_prepared(session)
     answers: list[pq.abc.PGresult] = []
     error: psycopg.Error | None = None
-    for index, result in enumerate(results):
+    # Past the DEALLOCATE ALL of a resync, if one was sent (it has no answer of its own).
+    first = len(received) - len(statements) - len(preparing)
+    for index, result in enumerate(received):
         if error is None and result.status not in _EXECUTED:
             if result.status == pq.ExecStatus.PIPELINE_ABORTED:
                 continue
             error = psycopg.errors.error_from_result(result, encoding=session.raw.info.encoding)
-        if index in preparing:
-            if result.status == pq.ExecStatus.COMMAND_OK:
-                session.prepared.add(preparing[index])
+        if index < first or index in preparing:
             continue
         answers.append(result)
     if not (waited or received_late):
         await trio.lowlevel.cancel_shielded_checkpoint()
     if error is not None:
-        if error.sqlstate == "26000":
-            # Someone deallocated our statements (DEALLOCATE ALL): prepare them again.
-            session.prepared.clear()
+        if error.sqlstate in _OUT_OF_STEP:
+            # The server holds other statements than the session thinks (someone ran
+            # DEALLOCATE, say): deallocate them all before the next exchange.
+            session.resync = True
         raise error
     return answers
+
+
+#: SQLSTATEs of a session whose prepared statements are not the ones it thinks: a
+#: statement missing (invalid_sql_statement_name) or already there (duplicate_prepared_statement).
+_OUT_OF_STEP: Final = frozenset({"26000", "42P05"})
+
+
+def _record_prepared(session: Session) -> None:
+    """Note the statements the exchange just read to its end prepared on the server."""
+    received = session.received
+    for index, name in session.preparing.items():
+        if index < len(received) and received[index].status == pq.ExecStatus.COMMAND_OK:
+            session.prepared.add(name)
+    session.preparing = {}
 
 
 async def finish(session: Session) -> None:
@@ -171,7 +201,9 @@ async def finish(session: Session) -> None:
     if pgconn.pipeline_status == pq.PipelineStatus.OFF:
         return
     await _flush(pgconn)
-    await _receive(pgconn)
+    await _receive(pgconn, session.received)
+    # Statements it prepared exist on the server now: preparing them again would fail.
+    _record_prepared(session)
     pgconn.exit_pipeline_mode()
     session.broken = False
 
@@ -198,10 +230,9 @@ async def _flush(pgconn: pq.abc.PGconn) -> bool:
     return waited
 
 
-async def _receive(pgconn: pq.abc.PGconn) -> tuple[list[pq.abc.PGresult], bool]:
-    """Every result up to the pipeline's sync, in order (one per statement); and whether
-    it had to wait for the socket."""
-    results: list[pq.abc.PGresult] = []
+async def _receive(pgconn: pq.abc.PGconn, results: list[pq.abc.PGresult]) -> bool:
+    """Append every result up to the pipeline's sync to ``results``, in order (one per
+    statement); return whether it had to wait for the socket."""
     waited = False
     while True:
         pgconn.consume_input()
@@ -210,7 +241,7 @@ async def _receive(pgconn: pq.abc.PGconn) -> tuple[list[pq.abc.PGresult], bool]:
             if result is None:
                 continue  # the end of one statement's results
             if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                return results, waited
+                return waited
             results.append(result)
         await trio.lowlevel.wait_readable(pgconn.socket)
         waited = True
