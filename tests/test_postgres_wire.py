@@ -164,16 +164,32 @@ async def test_a_pipeline_larger_than_the_socket_buffers_does_not_stall(
     assert conn.usable()
 
 
+async def _cancel_while_locked(
+    conn: PooledConnection, blocker: Any
+) -> list[tuple[Query, tuple[object, ...]]]:
+    """Send BEGIN, a lock ``blocker`` holds (until its ROLLBACK), COMMIT; cancel it 0.3 s in.
+
+    Returns the pipeline, whose lock statement the cancelled exchange prepared.
+    """
+    blocker.execute("BEGIN")
+    blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
+    pipeline: list[tuple[Query, tuple[object, ...]]] = [
+        (BEGIN, ()),
+        (lock, (_LOCK_KEY,)),
+        (COMMIT, ()),
+    ]
+    with trio.move_on_after(0.3) as scope:
+        await conn.exchange(pipeline)
+    assert scope.cancelled_caught
+    return pipeline
+
+
 async def test_a_cancelled_exchange_is_stopped_on_the_server_and_the_connection_kept(
     conn: PooledConnection, raw: Any, blocker: Any
 ) -> None:
     """Cancelled while a statement waits for a lock: the server stops it, the session is idle."""
-    blocker.execute("BEGIN")
-    blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-    lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
-    with trio.move_on_after(0.3) as scope:
-        await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
-    assert scope.cancelled_caught
+    await _cancel_while_locked(conn, blocker)
     assert conn.usable()
     assert not conn.discarded
     pid = conn.raw.info.backend_pid
@@ -188,14 +204,9 @@ async def test_a_statement_prepared_by_a_cancelled_exchange_is_known_afterwards(
     conn: PooledConnection, blocker: Any
 ) -> None:
     """What a cancelled exchange prepared on the server is not prepared again (no 42P05)."""
-    blocker.execute("BEGIN")
-    blocker.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-    lock = Query.of("SELECT pg_advisory_xact_lock(%s::bigint)")
-    with trio.move_on_after(0.3) as scope:
-        await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
-    assert scope.cancelled_caught
+    pipeline = await _cancel_while_locked(conn, blocker)
     blocker.execute("ROLLBACK")
-    results = await conn.exchange([(BEGIN, ()), (lock, (_LOCK_KEY,)), (COMMIT, ())])
+    results = await conn.exchange(pipeline)
     done, rows = psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK
     assert [result.status for result in results] == [done, rows, done]
 
