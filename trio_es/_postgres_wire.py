@@ -120,12 +120,12 @@ async def exchange(
     dump = session.transformer.dump_sequence
     preparing = session.preparing = {}  # result index -> name being prepared
     received = session.received = []
-    position = 0
+    # A resync's DEALLOCATE ALL goes first; its result is no statement's answer.
+    position = first = 1 if session.resync else 0
     pgconn.enter_pipeline_mode()
     try:
-        if session.resync:
+        if first:
             pgconn.send_query_params(b"DEALLOCATE ALL", None)
-            position += 1
             session.prepared.clear()
             session.resync = False
         for query, parameters in statements:
@@ -155,8 +155,6 @@ async def exchange(
     _record_prepared(session)
     answers: list[pq.abc.PGresult] = []
     error: psycopg.Error | None = None
-    # Past the DEALLOCATE ALL of a resync, if one was sent (it has no answer of its own).
-    first = len(received) - len(statements) - len(preparing)
     for index, result in enumerate(received):
         if error is None and result.status not in _EXECUTED:
             if result.status == pq.ExecStatus.PIPELINE_ABORTED:
