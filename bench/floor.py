@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import json
 import queue
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +53,7 @@ __all__ = [
     "rows",
     "sqlite_floor",
     "sqlite_floor_from_trio",
+    "sqlite_load_floor_from_trio",
 ]
 
 _AGGREGATES: Final = 1_000
@@ -225,6 +228,89 @@ def sqlite_floor_from_trio(path: str, count: int) -> float:
     if stored != count:
         raise AssertionError(f"the SQLite floor stored {stored} rows, not {count}")
     return rate
+
+
+_SNAPSHOT_DDL: Final = (
+    "CREATE TABLE floor_snapshots ("
+    " aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, sequence INTEGER NOT NULL,"
+    " payload TEXT NOT NULL, recorded_at TEXT NOT NULL,"
+    " PRIMARY KEY (aggregate_type, aggregate_id))"
+)
+_SELECT_SNAPSHOT: Final = (
+    "SELECT sequence, payload FROM floor_snapshots WHERE aggregate_type = ? AND aggregate_id = ?"
+)
+_SELECT_TAIL: Final = (
+    "SELECT sequence, event_type, event_version, payload, metadata, recorded_at"
+    " FROM floor_events WHERE aggregate_type = ? AND aggregate_id = ? AND sequence > ?"
+    " ORDER BY sequence"
+)
+
+
+def sqlite_load_floor_from_trio(path: str, events: int, snapshot_every: int, trials: int) -> float:
+    """The median time (s) of a first load with snapshots handed from Trio to a worker thread.
+
+    R1's first load with snapshots without any library: one stream of ``events`` rows
+    with a snapshot row (its state as JSON) every ``snapshot_every`` events, written
+    untimed. Each trial is a fresh process-like start: a new connection and a new
+    long-lived worker thread (:class:`_Hop`) that compiles the two reads once, as a store
+    does when it opens, and then waits; after ``gc.collect()``, one hop from Trio reads
+    the latest snapshot and the events after it and decodes them (``json.loads``). This
+    is the least any Trio program keeping the rule (no blocking database call on the
+    Trio thread) spends on R1's load; the peer reads on the calling thread, with no hop.
+    """
+    key = ("default", "floor-load")
+    recorded_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(_SQLITE_DDL)
+        connection.execute(_SNAPSHOT_DDL)
+        connection.execute("BEGIN IMMEDIATE")
+        for sequence in range(1, events + 1):
+            payload = json.dumps({"amount": 1, "balance": sequence - 1}, separators=(",", ":"))
+            connection.execute(
+                f"INSERT INTO floor_events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, sequence, "CustomerDepositedCash", 1, payload, "[]", recorded_at),
+            )
+            if sequence % snapshot_every == 0:
+                state = {"account_id": key[1], "balance": sequence - 1, "opened": True}
+                connection.execute(
+                    "INSERT OR REPLACE INTO floor_snapshots VALUES (?, ?, ?, ?, ?)",
+                    (*key, sequence, json.dumps(state), recorded_at),
+                )
+        connection.execute("COMMIT")
+
+    def load(reader: sqlite3.Connection) -> tuple[int, object]:
+        found = reader.execute(_SELECT_SNAPSHOT, key).fetchone()
+        sequence, state = (0, None) if found is None else (found[0], json.loads(found[1]))
+        tail = reader.execute(_SELECT_TAIL, (*key, sequence)).fetchall()
+        for row in tail:
+            state = json.loads(row[3])
+        return sequence + len(tail), state
+
+    async def trial() -> float:
+        with contextlib.closing(
+            sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        ) as reader:
+            hop = _Hop()
+            try:
+
+                def compile_reads() -> None:
+                    reader.execute(_SELECT_SNAPSHOT, ("", "")).fetchall()
+                    reader.execute(_SELECT_TAIL, ("", "", 0)).fetchall()
+
+                await hop.run(compile_reads)
+                gc.collect()
+                started = time.perf_counter()
+                sequence, _ = await hop.run(functools.partial(load, reader))
+                elapsed = time.perf_counter() - started
+            finally:
+                hop.close()
+        if sequence != events:
+            raise AssertionError(f"the SQLite load floor loaded {sequence} events, not {events}")
+        return elapsed
+
+    return statistics.median(trio.run(trial) for _ in range(trials))
 
 
 def postgres_floor_from_trio(dsn: str, count: int) -> float:

@@ -147,6 +147,8 @@ class Report:
         notes: what was skipped and why, and other remarks.
         trials: workload -> store -> library -> one trial per round.
         floor: store -> method -> rows/s per round.
+        floor_loads: store -> method -> load time (ms) per round (see
+            :func:`bench.floor.sqlite_load_floor_from_trio`).
     """
 
     settings: Settings
@@ -154,6 +156,7 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     trials: dict[str, dict[str, dict[str, list[Trial]]]] = dataclasses.field(default_factory=dict)
     floor: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    floor_loads: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     started_at: str = ""
     finished_at: str = ""
     duration_s: float = 0.0
@@ -176,6 +179,10 @@ class Report:
     def add_floor(self, store: str, method: str, rate: float) -> None:
         """Record one round of one floor method (rows per second)."""
         self.floor.setdefault(store, {}).setdefault(method, []).append(rate)
+
+    def add_floor_load(self, store: str, method: str, load_ms: float) -> None:
+        """Record one round of one load floor method (milliseconds, lower is better)."""
+        self.floor_loads.setdefault(store, {}).setdefault(method, []).append(load_ms)
 
     # -- reading --
 
@@ -472,7 +479,11 @@ class Report:
             "`trio_es` loggers and Python warnings during the run.",
             f"- floor: raw inserts of the same rows, 1 per transaction "
             f"({sizes.floor_single_rows:,} rows) and {sizes.floor_batch} per transaction "
-            f"({sizes.floor_batched_rows:,} rows).",
+            f"({sizes.floor_batched_rows:,} rows); SQLite's load floor: R1's stream "
+            f"({sizes.r1_events:,} events, a snapshot every {sizes.r1_snapshot_every}) read "
+            "with plain sqlite3 in one hop from Trio to a fresh, idle worker thread (the "
+            "latest snapshot, the events after it, decoded), the median of 11 fresh starts "
+            "per round.",
         ]
         if self.notes:
             lines += ["", "## Notes", ""]
@@ -534,6 +545,33 @@ class Report:
                     f"| {store} | {method} | {_cell(summary, '/s')} | {share(w1, summary)} | "
                     f"{share(w3, summary)} | {share(peer, summary)} |"
                 )
+        if self.floor_loads:
+            lines += [
+                "",
+                "R1's first load with snapshots without any library (ms; lower is better),"
+                " and R1's loads against it:",
+                "",
+                "| store | method | load | trio_es R1 load as a multiple |"
+                " peer R1 load as a multiple |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for store in STORES:
+                for method, loads in self.floor_loads.get(store, {}).items():
+                    summary = summarize(loads)
+                    ours = self.median("R1s", store, "trio_es", "load_ms")
+                    theirs = self.median("R1s", store, "peer", "load_ms")
+
+                    def multiple(value: float | None, floor: Summary | None = summary) -> str:
+                        return (
+                            "-"
+                            if value is None or floor is None
+                            else f"{value / floor.median:.2f}x"
+                        )
+
+                    lines.append(
+                        f"| {store} | {method} | {_cell(summary, 'ms')} | {multiple(ours)} | "
+                        f"{multiple(theirs)} |"
+                    )
         return lines
 
     def to_json(self) -> dict[str, Any]:
@@ -555,6 +593,13 @@ class Report:
                     for method, rates in methods.items()
                 }
                 for store, methods in self.floor.items()
+            },
+            "floor_loads_ms": {
+                store: {
+                    method: {"rounds": loads, "summary": _as_dict(summarize(loads))}
+                    for method, loads in methods.items()
+                }
+                for store, methods in self.floor_loads.items()
             },
             "targets": [dataclasses.asdict(target) for target in self.targets()],
             "trials": {

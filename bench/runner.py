@@ -40,6 +40,10 @@ from .workloads import CatchUp, Plan, c1_catch_up, r1_account, w1_plan, w2_plan,
 FROM_TRIO: Final = "1 row/tx from Trio via a worker thread"
 FROM_TRIO_WIRE: Final = "1 row/tx from Trio, non-blocking libpq (no thread)"
 ROUND_TRIP: Final = "Trio command round trip (no store)"
+LOAD_FROM_TRIO: Final = "first load, snapshots, from Trio via a worker thread"
+
+#: Fresh starts per round of the load floor; its median is the round's value.
+LOAD_TRIALS: Final = 11
 
 __all__ = ["run"]
 
@@ -330,6 +334,8 @@ class _Run:
                 sizes.floor_single_rows,
                 1,
             )
+            if store == "sqlite":
+                methods[LOAD_FROM_TRIO] = (sizes.r1_events, sizes.r1_snapshot_every)
         else:
             methods[ROUND_TRIP] = (sizes.floor_round_trips, 0)
         for round_ in range(sizes.rounds):
@@ -345,6 +351,13 @@ class _Run:
                     if store == "sqlite":
                         assert location.sqlite_path is not None
                         path = location.sqlite_path
+                        if method == LOAD_FROM_TRIO:
+                            load_s = floor.sqlite_load_floor_from_trio(
+                                path, count, batch, LOAD_TRIALS
+                            )
+                            self.progress(f"    {method}: {load_s * 1000:.3f} ms")
+                            self.report.add_floor_load(store, method, load_s * 1000)
+                            continue
                         rate = (
                             floor.sqlite_floor_from_trio(path, count)
                             if method == FROM_TRIO

@@ -90,6 +90,10 @@ def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) ->
             }[store]
             assert set(report.floor[store]) == {"1 row/tx", "64 rows/tx", from_trio}
         assert all(rate > 0 for rates in report.floor[store].values() for rate in rates)
+    if "sqlite" in stores:
+        [loads] = report.floor_loads["sqlite"].values()
+        assert len(loads) == 1
+        assert loads[0] > 0
     if not peer:
         assert any("not installed" in note for note in report.notes)
 
@@ -103,6 +107,8 @@ def test_smoke_run_measures_every_workload_with_correct_state(tmp_path: Path) ->
     for store in stores:
         assert report.median("C1", store, "trio_es", "read_rate") is not None, store
     assert "## Targets" in markdown
+    if "sqlite" in stores:
+        assert "| sqlite | first load, snapshots, from Trio via a worker thread |" in markdown
     assert "## Machine" in markdown
     data = json.loads((tmp_path / "latest-smoke.json").read_text())
     assert data["all_verified"] is True
