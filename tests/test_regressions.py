@@ -10,6 +10,7 @@ autojump clock, a livelock) fails fast.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import sqlite3
@@ -41,6 +42,7 @@ from trio_es.memory_store import MemoryStore
 from trio_es.postgres_store import PostgresStore
 from trio_es.serialization import Transcoder
 from trio_es.sqlite_store import SqliteStore
+from trio_es.testing import Fault, FaultInjectingStore
 
 from . import _bank, _counter, _ledger
 from ._counter import Append, Appended, SlowAppend
@@ -374,6 +376,82 @@ async def test_d4_stuck_query_never_makes_execute_outlive_call_timeout(
                     await trio.testing.wait_all_tasks_blocked()
             finally:
                 release.set()
+
+
+async def test_d4_a_call_waiting_for_room_in_a_full_mailbox_times_out_unsent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A call parked on a full mailbox past call_timeout: ActorTimeout, and it never runs."""
+    options = RuntimeOptions(mailbox_capacity=1)
+    with fail_after(300):
+        async with open_system(MemoryStore(), call_timeout=1000, options=options) as es:
+            await es.execute("a", Append(("loaded",)))
+
+            async def call(command: Any) -> None:
+                with suppress(ActorTimeout):  # both time out too, and commit later
+                    await es.execute("a", command)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, SlowAppend("slow", 5))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(call, Append(("queued",)))  # fills the mailbox
+                await trio.testing.wait_all_tasks_blocked()
+                start = trio.current_time()
+                with pytest.raises(ActorTimeout):
+                    await es.execute("a", Append(("parked",)))
+                assert trio.current_time() - start == pytest.approx(1.0)
+            await trio.sleep(10)
+            stored = [event.payload.item for event in await es.load_events("a")]
+    assert stored == ["loaded", "slow", "queued"]
+
+
+async def test_d4_a_call_ends_within_call_timeout_when_the_system_stops_while_it_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A commit outlasting call_timeout while the system stops: the call ends at call_timeout."""
+    store: FaultInjectingStore[Any, Any, Any] = FaultInjectingStore(
+        MemoryStore(), [Fault.slow_commit(10)]
+    )
+    options = RuntimeOptions(shutdown_grace=30)
+    ended: dict[str, Any] = {}
+    with fail_after(300):
+        async with trio.open_nursery() as outer:
+            async with open_system(store, call_timeout=1000, options=options) as es:
+
+                async def call() -> None:
+                    start = trio.current_time()
+                    ended["outcome"] = await capture(lambda: es.execute("a", Append(("x",))))
+                    ended["after"] = trio.current_time() - start
+
+                outer.start_soon(call)
+                await trio.sleep(0.5)
+                # The block exits now, with the commit under way: the system's call
+                # timers stop with it, and the call must still end on time.
+            assert trio.current_time() == pytest.approx(10.0)
+    assert isinstance(ended["outcome"], outcome.Error)
+    assert isinstance(ended["outcome"].error, ActorTimeout)
+    assert ended["after"] == pytest.approx(1.0)
+
+
+async def test_a_call_under_call_timeout_makes_no_cancel_scope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls under call_timeout are timed by the system's call timers, not a scope each."""
+    made: list[float] = []
+    real = trio.CancelScope
+
+    def counting(**kwargs: Any) -> trio.CancelScope:
+        made.append(kwargs.get("deadline", math.inf))
+        return real(**kwargs)
+
+    async with open_system(MemoryStore(), call_timeout=1000) as es:
+        await es.execute("a", Append(("x",)))
+        monkeypatch.setattr(trio, "CancelScope", counting)
+        for item in range(50):
+            await es.execute("a", Append((str(item),)))
+            await es.load_aggregate("a")
+        monkeypatch.undo()
+    assert [deadline for deadline in made if deadline != math.inf] == []
 
 
 # -- D5: calls after (and during) the end of the open_eventsourcing block --

@@ -23,7 +23,14 @@ from trio_es import (
     receive,
     timeout,
 )
-from trio_es._subject import IdleTimers, Mailbox, new_reply
+from trio_es._subject import (
+    CALL_EXPIRED,
+    CALL_UNTIMED,
+    CallTimers,
+    IdleTimers,
+    Mailbox,
+    new_reply,
+)
 
 
 async def test_messages_arrive_in_the_order_sent() -> None:
@@ -454,3 +461,93 @@ async def test_a_cancelled_idle_reader_is_no_longer_timed(
         assert len(timers) == 0
         box.send("kept")
         assert await box.get_or_idle(timers) == "kept"
+
+
+@asynccontextmanager
+async def _call_timers() -> AsyncIterator[CallTimers]:
+    """Call timers whose task runs for the block."""
+    timers = CallTimers()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.testing.wait_all_tasks_blocked()
+        yield timers
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_timed_call_gets_call_expired_exactly_at_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reply waited for past its deadline yields CALL_EXPIRED at the deadline, not before."""
+    async with _call_timers() as timers:
+        reply = new_reply("r")
+        start = trio.current_time()
+        assert timers.watch(reply, start + 4.0)
+        assert await reply.get() is CALL_EXPIRED
+        assert trio.current_time() - start == 4.0
+        timers.forget(reply)
+        assert len(timers) == 0
+
+
+async def test_a_reply_that_came_before_the_callers_get_wins_over_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reply sent before the deadline is received even if the caller gets it after."""
+    async with _call_timers() as timers:
+        reply = new_reply("r")
+        assert timers.watch(reply, trio.current_time() + 1.0)
+        answer = outcome.Value(7)
+        reply.send(answer)
+        await trio.sleep(5)
+        assert await reply.get() is answer
+
+
+async def test_a_call_whose_deadline_passed_before_it_waited_expires_at_its_get(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A deadline that passes while the caller is not yet waiting ends its next get at once."""
+    async with _call_timers() as timers:
+        reply = new_reply("r")
+        assert timers.watch(reply, trio.current_time() + 1.0)
+        await trio.sleep(5)
+        start = trio.current_time()
+        assert await reply.get() is CALL_EXPIRED
+        assert trio.current_time() == start
+
+
+async def test_call_timers_hand_waiting_calls_back_untimed_when_they_stop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Stopping the timers ends every registered wait with CALL_UNTIMED, and refuses new ones."""
+    timers = CallTimers()
+    got: list[object] = []
+
+    async def wait(reply: Any) -> None:
+        got.append(await reply.get())
+
+    async with trio.open_nursery() as callers, trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.testing.wait_all_tasks_blocked()
+        replies = [new_reply(f"r{i}") for i in range(3)]
+        for reply in replies:
+            assert timers.watch(reply, trio.current_time() + 60)
+        for reply in replies[:2]:
+            callers.start_soon(wait, reply)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert got == [CALL_UNTIMED, CALL_UNTIMED]
+    assert trio.current_time() < 60
+    # The third never waited: its get yields CALL_UNTIMED too, so its caller times itself.
+    assert await replies[2].get() is CALL_UNTIMED
+    assert not timers.watch(new_reply("late"), trio.current_time() + 60)
+
+
+async def test_call_timers_refuse_a_deadline_earlier_than_the_last_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Deadlines are queued in increasing order: an earlier one is left to its caller's scope."""
+    async with _call_timers() as timers:
+        now = trio.current_time()
+        assert timers.watch(new_reply("a"), now + 10)
+        assert not timers.watch(new_reply("b"), now + 5)
+        assert timers.watch(new_reply("c"), now + 10)
+        assert not timers.watch(new_subject(capacity=1), now + 20)

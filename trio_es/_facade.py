@@ -4,7 +4,9 @@
 stops it when the block exits. Each call puts its message straight into its aggregate's
 mailbox, waiting for room instead of raising ``MailboxFull`` (backpressure: memory stays
 bounded by the mailboxes plus one message per waiting caller), then waits for the reply;
-``call_timeout`` bounds the whole call.
+``call_timeout`` bounds the whole call. The wait for the reply is timed by the runtime's
+:class:`~._subject.CallTimers` (one task for every call) instead of a cancel scope per call;
+a call that waits for room in a full mailbox, or outlives that task, times itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from ._memory_store import MemoryStore, SupervisedMemoryStore
 from ._projection import Projection, ProjectionRunner, check_projections
 from ._runtime import ApplyFn, HandleFn, Query, RuntimeOptions, _Runtime, build_runtime
 from ._store import EventStore
-from ._subject import Name, Subject, named_subject, new_name, new_reply
+from ._subject import (
+    CALL_EXPIRED,
+    CALL_UNTIMED,
+    Name,
+    Subject,
+    named_subject,
+    new_name,
+    new_reply,
+)
 from ._subscription import check_source
 from ._types import (
     Aggregate,
@@ -96,11 +106,30 @@ class EventSourcing(Generic[CommandT, EventT, EntityT]):
         if limit is None:
             await runtime.deliver(message, operation)
             return (await reply.get()).unwrap()
-        # A plain scope rather than trio.fail_after: the same deadline, without the
-        # generator-based context manager around it (it costs on every call).
-        with trio.CancelScope(deadline=trio.current_time() + limit.seconds) as scope:
-            await runtime.deliver(message, operation)
-            result = await reply.get()
+        deadline = trio.current_time() + limit.seconds
+        timers = runtime.call_timers
+        if timers.watch(reply, deadline):
+            # Timed by the system's call timers, not a cancel scope per call (entering and
+            # leaving one cost more than the rest of a call's hand-off); see CallTimers.
+            try:
+                result = (
+                    await reply.get()
+                    if await runtime.deliver(message, operation, deadline)
+                    else CALL_EXPIRED
+                )
+            finally:
+                timers.forget(reply)
+            if result is CALL_EXPIRED:
+                raise ActorTimeout(operation, limit.milliseconds)
+            if result is not CALL_UNTIMED:
+                return result.unwrap()
+            # The timers stopped while this call waited: it times the rest itself.
+            with trio.CancelScope(deadline=deadline) as scope:
+                result = await reply.get()
+        else:
+            with trio.CancelScope(deadline=deadline) as scope:
+                await runtime.deliver(message, operation)
+                result = await reply.get()
         if scope.cancelled_caught:
             raise ActorTimeout(operation, limit.milliseconds)
         return result.unwrap()

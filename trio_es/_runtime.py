@@ -32,7 +32,7 @@ import trio
 from ._aggregate import AggregateTask, Live, Shared, refuse, reply
 from ._errors import AggregateCrashed, MailboxFull, SystemStopped
 from ._store import EventStore
-from ._subject import DEFAULT_CAPACITY, IdleTimers, Name, Subject, named_subject
+from ._subject import DEFAULT_CAPACITY, CallTimers, IdleTimers, Name, Subject, named_subject
 from ._supervisor import (
     ChildSpecification,
     DynamicSupervisor,
@@ -190,6 +190,8 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
     failed_queries: dict[Name[Any], str] = attrs.Factory(dict)
     #: True once the facade's block began to exit: calls are refused with SystemStopped.
     stopped: bool = False
+    #: The deadlines of the facade's calls, timed by the router's task.
+    call_timers: CallTimers = attrs.Factory(CallTimers)
     _public: Subject[Message] | None = attrs.field(default=None, init=False)
     _query_mailboxes: list[tuple[Name[Any], Subject[ProcessEvents[Any]]]] | None = attrs.field(
         default=None, init=False
@@ -221,8 +223,14 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         else:
             logger.error("eventsourcing %s ignored an unknown message %r", self.name.label, message)
 
-    async def deliver(self, message: AggregateMessage, operation: str) -> None:
+    async def deliver(
+        self, message: AggregateMessage, operation: str, deadline: float | None = None
+    ) -> bool:
         """Queue a facade call's message in its aggregate's mailbox, waiting for room.
+
+        Returns False if ``deadline`` (Trio's clock) passed while it waited for room: the
+        message was not queued. Only that wait is timed here (a full mailbox is rare):
+        the caller's call timers time the rest of the call.
 
         Raises:
             SystemStopped: the system stopped before the message could be queued.
@@ -242,8 +250,18 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             if live is None:
                 live = self._spawn(message.aggregate_id)
             try:
-                await live.send_wait(message)
-                return
+                if deadline is None:
+                    await live.send_wait(message)
+                    return True
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    live.send(message)
+                except MailboxFull:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await live.send_wait(message)
+                    return not scope.cancelled_caught
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return True
             except trio.ClosedResourceError:
                 if live.closed_error is not None and not self.stopped:
                     raise live.closed_error from None
@@ -435,7 +453,8 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         mailbox.forward_to(self.dispatch)
         try:
             task_status.started()
-            await trio.sleep_forever()
+            # This task also times the facade's calls (see CallTimers).
+            await self.call_timers.run()
         finally:
             mailbox.forward_to(None)
 

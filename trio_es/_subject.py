@@ -8,12 +8,15 @@ finds the messages that were queued while it was down.
 
 An aggregate's mailbox is a lighter :class:`Mailbox` (one reader, no memory channel), and
 the aggregates' idle deadlines are kept by one :class:`IdleTimers` task rather than a
-cancel scope per waiting aggregate: there may be 100,000 live aggregates.
+cancel scope per waiting aggregate: there may be 100,000 live aggregates. The facade's
+calls are timed the same way, by one :class:`CallTimers` task: entering and leaving a cancel
+scope cost more than the rest of a call's hand-off.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, Generic, NoReturn, TypeVar, final, overload
@@ -83,13 +86,28 @@ class _OneShot(Generic[T]):
     while the reader waits is handed to it at once; otherwise it is kept until read.
     """
 
-    __slots__ = ("_closed", "_full", "_message", "_waiter")
+    __slots__ = ("_closed", "_full", "_interruption", "_message", "_waiter")
 
     def __init__(self) -> None:
         self._full = False
         self._closed = False
         self._message: T | None = None
         self._waiter: trio.lowlevel.Task | None = None
+        #: What the next receive returns when no message is there (see :meth:`interrupt`).
+        self._interruption: T | None = None
+
+    def interrupt(self, value: T) -> None:
+        """End the reader's wait with ``value``, now or at its next receive without a message.
+
+        For :class:`CallTimers`: a call's deadline passed. A message that arrived first is
+        still received first.
+        """
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter, outcome.Value(value))
+        else:
+            self._interruption = value
 
     def send_nowait(self, message: T) -> None:
         if self._closed:
@@ -123,6 +141,11 @@ class _OneShot(Generic[T]):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return message
+        interruption = self._interruption
+        if interruption is not None:
+            self._interruption = None
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return interruption
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already waiting for this reply")
         self._waiter = trio.lowlevel.current_task()
@@ -331,47 +354,45 @@ class Mailbox(Generic[T]):
         return 0 if messages is None else len(messages)
 
 
-@final
-class IdleTimers:
-    """The idle deadlines of many mailbox readers, kept by one task instead of a scope each.
+K = TypeVar("K")
 
-    A reader waiting in :meth:`Mailbox.get_or_idle` is given ``None`` once it waited
-    ``timeout`` seconds (Trio's clock) without a message, exactly when a cancel scope with
-    that deadline would have fired, but without one: a scope and its cancel status cost
-    some 650 bytes per waiting reader, and entering and leaving one costs time on every wait.
 
-    All readers share one timeout, so the deadlines are registered in increasing order:
-    a dict (insertion-ordered) is the queue, its first entry the next to fire. The timer
-    task (:meth:`run`) never needs waking for a new reader, since a reader that starts
-    waiting now cannot fire before the deadlines already registered; it only parks when
-    nobody waits, and the next reader wakes it.
+class _Deadlines(Generic[K]):
+    """Deadlines of many waiting tasks, kept by one task instead of a cancel scope each.
+
+    Each waiter is registered under a key with its deadline (Trio's clock) and is woken
+    by :meth:`_expire` once the deadline passed, exactly when a cancel scope with that
+    deadline would have fired, but without one: a scope and its cancel status cost some
+    650 bytes per waiting task, and entering and leaving one costs time on every wait.
+
+    Deadlines are registered in increasing order, so that a dict (insertion-ordered) is
+    the queue and its first entry the next to fire. The timer task (:meth:`run`) then
+    never needs waking for a new waiter, since it cannot fire before the deadlines
+    already registered; it only parks when nobody waits, and the next waiter wakes it.
     """
 
-    __slots__ = ("_parked", "_waiting", "timeout")
+    __slots__ = ("_parked", "_waiting")
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._waiting: dict[Mailbox[Any], float] = {}
+    def __init__(self) -> None:
+        self._waiting: dict[K, float] = {}
         self._parked: trio.lowlevel.Task | None = None
 
-    def watch(self, mailbox: Mailbox[Any]) -> None:
-        """Start timing ``mailbox``'s reader, which just began to wait."""
-        self._waiting[mailbox] = trio.current_time() + self.timeout
+    def _add(self, key: K, deadline: float) -> None:
+        self._waiting[key] = deadline
         parked = self._parked
         if parked is not None:
             self._parked = None
             trio.lowlevel.reschedule(parked)
 
-    def forget(self, mailbox: Mailbox[Any]) -> None:
-        """Stop timing ``mailbox``'s reader (its wait ended, however)."""
-        self._waiting.pop(mailbox, None)
+    def _expire(self, key: K) -> None:
+        raise NotImplementedError  # pragma: no cover - every subclass wakes its waiters
 
     def __len__(self) -> int:
-        """The readers being timed."""
+        """The waiters being timed."""
         return len(self._waiting)
 
     async def run(self) -> NoReturn:
-        """Wake each reader whose deadline passed, for as long as the calling task runs."""
+        """Wake each waiter whose deadline passed, for as long as the calling task runs."""
         waiting = self._waiting
         while True:
             if not waiting:
@@ -379,24 +400,113 @@ class IdleTimers:
                 await trio.lowlevel.wait_task_rescheduled(self._unpark)
                 continue
             now = trio.current_time()
-            expired: list[Mailbox[Any]] = []
+            expired: list[K] = []
             next_deadline: float | None = None
-            for mailbox, deadline in waiting.items():
+            for key, deadline in waiting.items():
                 if deadline > now:
                     next_deadline = deadline
                     break
-                expired.append(mailbox)
-            for mailbox in expired:
-                del waiting[mailbox]
-                mailbox._idle()
+                expired.append(key)
+            for key in expired:
+                del waiting[key]
+                self._expire(key)
             del expired
             if next_deadline is not None:
-                # Readers registered meanwhile have later deadlines: no need to wake early.
+                # Waiters registered meanwhile have later deadlines: no need to wake early.
                 await trio.sleep_until(next_deadline)
 
     def _unpark(self, _: Any) -> trio.lowlevel.Abort:
         self._parked = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+@final
+class IdleTimers(_Deadlines["Mailbox[Any]"]):
+    """The idle deadlines of many mailbox readers, kept by one task instead of a scope each.
+
+    A reader waiting in :meth:`Mailbox.get_or_idle` is given ``None`` once it waited
+    ``timeout`` seconds without a message. All readers share one timeout, so their
+    deadlines are registered in increasing order (see :class:`_Deadlines`).
+    """
+
+    __slots__ = ("timeout",)
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def watch(self, mailbox: Mailbox[Any]) -> None:
+        """Start timing ``mailbox``'s reader, which just began to wait."""
+        self._add(mailbox, trio.current_time() + self.timeout)
+
+    def forget(self, mailbox: Mailbox[Any]) -> None:
+        """Stop timing ``mailbox``'s reader (its wait ended, however)."""
+        self._waiting.pop(mailbox, None)
+
+    def _expire(self, key: Mailbox[Any]) -> None:
+        key._idle()
+
+
+#: What a call's reply subject yields once :class:`CallTimers` found its deadline passed.
+#: Compared by identity, never unwrapped.
+CALL_EXPIRED: Final[outcome.Outcome[Any]] = outcome.Value("call expired")
+#: What it yields when the timers stopped first: the caller times the rest of the wait itself.
+CALL_UNTIMED: Final[outcome.Outcome[Any]] = outcome.Value("call no longer timed")
+
+
+@final
+class CallTimers(_Deadlines["_OneShot[outcome.Outcome[Any]]"]):
+    """The deadlines of calls waiting for their reply, kept by one task (the system's router).
+
+    A call registers its reply subject with its deadline (:meth:`watch`) and forgets it
+    when it ends. Once the deadline passed, its reply subject yields :data:`CALL_EXPIRED`
+    (unless the reply came first), at once if the caller waits, else at its next
+    ``get``. So a call costs a dict entry instead of a cancel scope.
+
+    A call is timed here only while the timer task runs and only if its deadline is not
+    earlier than the last one registered (the queue's order, see :class:`_Deadlines`);
+    otherwise :meth:`watch` returns False and the caller uses a cancel scope of its own.
+    When the timer task stops (the system stops, or its supervisor restarts it), every
+    call still registered yields :data:`CALL_UNTIMED`, and its caller times the rest of its
+    wait with a cancel scope: no call is ever left untimed.
+    """
+
+    __slots__ = ("_last", "running")
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Whether :meth:`run` is timing calls.
+        self.running = False
+        self._last = -math.inf
+
+    def watch(self, reply: Subject[outcome.Outcome[Any]], deadline: float) -> bool:
+        """Time the call that waits on ``reply`` until ``deadline``; False if it cannot."""
+        box = reply._box
+        if not self.running or deadline < self._last or not isinstance(box, _OneShot):
+            return False
+        self._last = deadline
+        self._add(box, deadline)
+        return True
+
+    def forget(self, reply: Subject[outcome.Outcome[Any]]) -> None:
+        """Stop timing the call waiting on ``reply`` (it ended, however)."""
+        box = reply._box
+        if isinstance(box, _OneShot):
+            self._waiting.pop(box, None)
+
+    def _expire(self, key: _OneShot[outcome.Outcome[Any]]) -> None:
+        key.interrupt(CALL_EXPIRED)
+
+    async def run(self) -> NoReturn:
+        """Time the registered calls for as long as the calling task runs."""
+        self.running = True
+        try:
+            await super().run()
+        finally:
+            self.running = False
+            untimed, self._waiting = self._waiting, {}
+            for box in untimed:
+                box.interrupt(CALL_UNTIMED)
 
 
 @final
