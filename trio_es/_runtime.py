@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar, final
 
@@ -224,7 +225,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             logger.error("eventsourcing %s ignored an unknown message %r", self.name.label, message)
 
     async def deliver(
-        self, message: AggregateMessage, operation: str, deadline: float | None = None
+        self, message: AggregateMessage, operation: str, deadline: float = math.inf
     ) -> bool:
         """Queue a facade call's message in its aggregate's mailbox, waiting for room.
 
@@ -250,18 +251,7 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
             if live is None:
                 live = self._spawn(message.aggregate_id)
             try:
-                if deadline is None:
-                    await live.send_wait(message)
-                    return True
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    live.send(message)
-                except MailboxFull:
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        await live.send_wait(message)
-                    return not scope.cancelled_caught
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return True
+                return await live.send_wait(message, deadline)
             except trio.ClosedResourceError:
                 if live.closed_error is not None and not self.stopped:
                     raise live.closed_error from None

@@ -229,8 +229,12 @@ class Mailbox(Generic[T]):
         else:
             raise MailboxFull(mailbox=repr(self.label), capacity=self._capacity)
 
-    async def send_wait(self, message: T) -> None:
+    async def send_wait(self, message: T, deadline: float = math.inf) -> bool:
         """Queue ``message``, waiting for room if the mailbox is full (backpressure).
+
+        Returns False if ``deadline`` (Trio's clock) passed while it waited for room: the
+        message was not queued. The wait for room alone is timed (by a cancel scope, made
+        only then): a caller whose deadline is kept elsewhere times the rest.
 
         Raises:
             trio.ClosedResourceError: the mailbox was closed (before or while waiting):
@@ -243,7 +247,16 @@ class Mailbox(Generic[T]):
             pass
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            return True
+        if deadline == math.inf:
+            await self._park(message)
+            return True
+        with trio.CancelScope(deadline=deadline) as scope:
+            await self._park(message)
+        return not scope.cancelled_caught
+
+    async def _park(self, message: T) -> None:
+        """Wait, in line with the other parked senders, until ``message`` is queued."""
         task = trio.lowlevel.current_task()
         senders = self._senders
         if senders is None:
