@@ -48,6 +48,7 @@ import outcome
 import trio
 
 __all__ = [
+    "LOAD_TRIALS",
     "postgres_floor",
     "postgres_floor_from_trio",
     "round_trip_floor",
@@ -230,6 +231,9 @@ def sqlite_floor_from_trio(path: str, count: int) -> float:
         raise AssertionError(f"the SQLite floor stored {stored} rows, not {count}")
     return rate
 
+
+#: Fresh starts per round of the load floor; their median is the round's value.
+LOAD_TRIALS: Final = 11
 
 _SNAPSHOT_DDL: Final = (
     "CREATE TABLE floor_snapshots ("

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from .floor import LOAD_TRIALS
 from .results import Trial
 from .settings import STORES, Settings
 from .stats import Summary, summarize
@@ -482,8 +483,8 @@ class Report:
             f"({sizes.floor_batched_rows:,} rows); SQLite's load floor: R1's stream "
             f"({sizes.r1_events:,} events, a snapshot every {sizes.r1_snapshot_every}) read "
             "with plain sqlite3 in one hop from Trio to a fresh, idle worker thread (the "
-            "latest snapshot, the events after it, decoded), the median of 11 fresh starts "
-            "per round.",
+            "latest snapshot, the events after it, decoded), the median of "
+            f"{LOAD_TRIALS} fresh starts per round.",
         ]
         if self.notes:
             lines += ["", "## Notes", ""]
@@ -555,22 +556,18 @@ class Report:
                 " peer R1 load as a multiple |",
                 "| --- | --- | --- | --- | --- |",
             ]
+
+            def multiple(value: float | None, summary: Summary | None) -> str:
+                return "-" if value is None or summary is None else f"{value / summary.median:.2f}x"
+
             for store in STORES:
                 for method, loads in self.floor_loads.get(store, {}).items():
                     summary = summarize(loads)
                     ours = self.median("R1s", store, "trio_es", "load_ms")
                     theirs = self.median("R1s", store, "peer", "load_ms")
-
-                    def multiple(value: float | None, floor: Summary | None = summary) -> str:
-                        return (
-                            "-"
-                            if value is None or floor is None
-                            else f"{value / floor.median:.2f}x"
-                        )
-
                     lines.append(
-                        f"| {store} | {method} | {_cell(summary, 'ms')} | {multiple(ours)} | "
-                        f"{multiple(theirs)} |"
+                        f"| {store} | {method} | {_cell(summary, 'ms')} | "
+                        f"{multiple(ours, summary)} | {multiple(theirs, summary)} |"
                     )
         return lines
 

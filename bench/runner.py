@@ -42,9 +42,6 @@ FROM_TRIO_WIRE: Final = "1 row/tx from Trio, non-blocking libpq (no thread)"
 ROUND_TRIP: Final = "Trio command round trip (no store)"
 LOAD_FROM_TRIO: Final = "first load, snapshots, from Trio via a worker thread"
 
-#: Fresh starts per round of the load floor; its median is the round's value.
-LOAD_TRIALS: Final = 11
-
 __all__ = ["run"]
 
 TRIO = "trio_es"
@@ -353,7 +350,7 @@ class _Run:
                         path = location.sqlite_path
                         if method == LOAD_FROM_TRIO:
                             load_s = floor.sqlite_load_floor_from_trio(
-                                path, count, batch, LOAD_TRIALS
+                                path, count, batch, floor.LOAD_TRIALS
                             )
                             self.progress(f"    {method}: {load_s * 1000:.3f} ms")
                             self.report.add_floor_load(store, method, load_s * 1000)
