@@ -378,6 +378,21 @@ async def test_zero_event_commands_succeed_and_commit_nothing() -> None:
             await es.load_aggregate("empty")
 
 
+async def test_every_facade_call_is_a_checkpoint() -> None:
+    """execute and the loads are Trio checkpoints: a cancel point and a schedule point each."""
+    async with open_counter() as es:
+        for _ in range(2):  # a first visit, then a live aggregate
+            with trio.testing.assert_checkpoints():
+                await es.execute("a", Append(("x",)))
+            with trio.testing.assert_checkpoints():
+                await es.load_aggregate("a")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await es.execute("a", Append(("never",)))
+        assert scope.cancelled_caught
+        assert (await es.load_aggregate("a")).sequence == 2
+
+
 # -- let it crash --
 
 

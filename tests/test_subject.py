@@ -318,6 +318,67 @@ async def test_a_cancelled_parked_sender_queues_nothing() -> None:
     assert await box.get() == "b"
 
 
+async def test_a_forwarding_subject_hands_sends_over_and_queues_none() -> None:
+    """While forward_to is set, forwarding is True and sends go to it, never to the queue."""
+    subject: Subject[int] = new_subject(capacity=1)
+    assert not subject.forwarding
+    subject.send(1)
+    forwarded: list[int] = []
+    subject.forward_to(forwarded.append)
+    assert subject.forwarding
+    subject.send(2)
+    await subject.send_wait(3)
+    assert forwarded == [2, 3]
+    assert len(subject) == 1  # only the message sent before forwarding began
+    subject.forward_to(None)
+    assert not subject.forwarding
+    assert subject.get_nowait() == 1
+
+
+async def test_hand_over_with_room_queues_without_letting_another_task_run() -> None:
+    """hand_over with room queues the message and is no schedule point: no other task runs."""
+    box = _mailbox(2)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        assert await box.hand_over("a") is True
+        assert ran == []
+        assert box.get_nowait() == "a"
+    assert ran == ["other"]
+
+
+async def test_hand_over_is_a_cancel_point_that_queues_nothing_when_cancelled() -> None:
+    """A caller already cancelled gets Cancelled from hand_over and queues nothing."""
+    box = _mailbox(2)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await box.hand_over("never")
+    assert scope.cancelled_caught
+    assert len(box) == 0
+
+
+async def test_hand_over_on_a_full_mailbox_parks_until_room_or_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """hand_over waits for room like send_wait; past its deadline it returns False, unsent."""
+    box = _mailbox(1)
+    box.send("a")
+    started = trio.current_time()
+    assert await box.hand_over("late", deadline=started + 1) is False
+    assert trio.current_time() == pytest.approx(started + 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.hand_over, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.get_nowait() == "a"
+    assert box.get_nowait() == "b"
+    with pytest.raises(trio.WouldBlock):
+        box.get_nowait()
+
+
 async def test_closing_a_mailbox_wakes_parked_senders_and_keeps_the_queue() -> None:
     """close wakes parked senders with ClosedResourceError; queued messages stay readable."""
     box = _mailbox(1)

@@ -274,6 +274,9 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
     #: The messages taken and not answered yet (invariant 1); an empty tuple, not a
     #: list, while the task waits.
     in_hand: list[AggregateMessage] | tuple[()] = ()
+    #: The scope around the task's loop; shielded while a commit is under way (see
+    #: :meth:`_commit`). Its deadline is set only when the system stops.
+    guard: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
     async def run(self) -> None:
         """Serve the aggregate until idle for ``idle_timeout`` (or cancelled, or crashed)."""
@@ -282,37 +285,38 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         # The task's start was a scheduling point: its first message needs no checkpoint.
         started = True
         try:
-            while True:
-                message = live.take()
-                if message is None:
-                    message = await live.get_or_idle(shared.idle)
+            with self.guard:
+                while True:
+                    message = live.take()
                     if message is None:
-                        if shared.retire(live):
-                            return
-                        continue
-                elif not started:
-                    # A checkpoint per message, so that a busy aggregate whose store never
-                    # awaits cannot starve the other tasks (waiting in get() was one).
-                    await trio.lowlevel.checkpoint()
-                started = False
-                if isinstance(message, _EXECUTES):
-                    batch: list[Execute] = [message]
-                    while len(batch) < MAX_BATCH:
-                        queued = live.take()
-                        if queued is None:
-                            break
-                        if not isinstance(queued, _EXECUTES):
-                            live.put_back((queued,))
-                            break
-                        batch.append(queued)
-                    self.in_hand = list(batch)
-                    await self._execute(batch)
-                    # Not kept alive (with its reply mailboxes) while the task waits.
-                    del batch
-                else:
-                    self.in_hand = [message]
-                    await self._read(message)
-                self.in_hand = ()
+                        message = await live.get_or_idle(shared.idle)
+                        if message is None:
+                            if shared.retire(live):
+                                return
+                            continue
+                    elif not started:
+                        # A checkpoint per message, so that a busy aggregate whose store never
+                        # awaits cannot starve the other tasks (waiting in get() was one).
+                        await trio.lowlevel.checkpoint()
+                    started = False
+                    if isinstance(message, _EXECUTES):
+                        batch: list[Execute] = [message]
+                        while len(batch) < MAX_BATCH:
+                            queued = live.take()
+                            if queued is None:
+                                break
+                            if not isinstance(queued, _EXECUTES):
+                                live.put_back((queued,))
+                                break
+                            batch.append(queued)
+                        self.in_hand = list(batch)
+                        await self._execute(batch)
+                        # Not kept alive (with its reply mailboxes) while the task waits.
+                        del batch
+                    else:
+                        self.in_hand = [message]
+                        await self._read(message)
+                    self.in_hand = ()
         finally:
             # Invariant 1: whatever is in hand and unanswered goes back, first in line.
             self._give_back(self.in_hand)
@@ -524,41 +528,43 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
             # No new commit once stopping: the batch stays in hand and goes back to the
             # backlog when the cancellation arrives; the final sweep answers it.
             await trio.sleep_forever()
-        with trio.CancelScope(shield=True) as scope:
-            # Registered until the last reply, so that stopping bounds the publication too.
-            shared.commit_scopes.add(scope)
+        guard = self.guard
+        # Shielded from here to the last reply (invariant 4): the task's own scope is
+        # switched to shielded and back, at a fraction of the cost of entering a shielded
+        # scope per commit. Registered until the last reply, so that stopping bounds the
+        # publication too; if that deadline passes, its Cancelled ends the task's loop
+        # (the system is stopping) after the replies went out.
+        guard.shield = True
+        shared.commit_scopes.add(guard)
+        try:
+            stored = await self._stored(batch, decided, crash)
+            if stored is None:
+                return
+            committed, published, refused = stored
+            shared.commands_processed += len(committed)
+            later: list[Execute] = []
+            if refused is not None:
+                index, refusal = refused
+                self._answer(batch[index], outcome.Error(refusal))
+                # Decided on top of the refused command's events: decide them again.
+                later = batch[index + 1 :]
+                crash = None
+            elif crash is not None:
+                later = batch[crash[0] + 1 :]
+            for message in later:
+                self._release(message)
+            self._give_back(later)
             try:
-                stored = await self._stored(batch, decided, crash)
-                if stored is None:
-                    return
-                committed, published, refused = stored
-                shared.commands_processed += len(committed)
-                later: list[Execute] = []
-                if refused is not None:
-                    index, refusal = refused
-                    self._answer(batch[index], outcome.Error(refusal))
-                    # Decided on top of the refused command's events: decide them again.
-                    later = batch[index + 1 :]
-                    crash = None
-                elif crash is not None:
-                    later = batch[crash[0] + 1 :]
-                for message in later:
-                    self._release(message)
-                self._give_back(later)
-                try:
-                    for envelopes in published:
-                        await shared.publish(self.aggregate_id, envelopes)
-                finally:
-                    for item in committed:
-                        self._answer(item.message, item.result(self.aggregate_id))
-                    if "rerun_committed_batch" in planted_bugs and len(committed) > 1:
-                        self._give_back([committed[-1].message])
+                for envelopes in published:
+                    await shared.publish(self.aggregate_id, envelopes)
             finally:
-                shared.commit_scopes.discard(scope)
-        if scope.cancelled_caught:
-            # The shutdown deadline passed while publishing: the replies went out, the
-            # rest of the publication is abandoned with the stopping system.
-            crash = None
+                for item in committed:
+                    self._answer(item.message, item.result(self.aggregate_id))
+                if "rerun_committed_batch" in planted_bugs and len(committed) > 1:
+                    self._give_back([committed[-1].message])
+        finally:
+            shared.commit_scopes.discard(guard)
+            guard.shield = False
         if crash is not None:
             self._crash(batch[crash[0]], crash[1])
 

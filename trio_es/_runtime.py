@@ -231,7 +231,9 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
 
         Returns False if ``deadline`` (Trio's clock) passed while it waited for room: the
         message was not queued. Only that wait is timed here (a full mailbox is rare):
-        the caller's call timers time the rest of the call.
+        the caller's call timers time the rest of the call. A schedule point only when
+        it waits for room (see :meth:`Mailbox.hand_over`): the caller's wait for the
+        reply, which follows at once, is the call's.
 
         Raises:
             SystemStopped: the system stopped before the message could be queued.
@@ -242,16 +244,19 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
                 raise SystemStopped(operation)
             # Messages the router has not forwarded yet were sent before this one: forward
             # them first (the router forwards synchronously, so doing it here is the same).
+            # The router takes the queued ones before it forwards (in one step), so while
+            # it forwards, none is queued.
             public = self._public
             if public is None:
                 public = self._public = named_subject(self.name)
-            while len(public):
-                self.dispatch(public.get_nowait())
+            if not public.forwarding:
+                while len(public):
+                    self.dispatch(public.get_nowait())
             live = self.live.get(message.aggregate_id)
             if live is None:
                 live = self._spawn(message.aggregate_id)
             try:
-                return await live.send_wait(message, deadline)
+                return await live.hand_over(message, deadline)
             except trio.ClosedResourceError:
                 if live.closed_error is not None and not self.stopped:
                     raise live.closed_error from None

@@ -244,10 +244,30 @@ class Mailbox(Generic[T]):
         try:
             self.send(message)
         except MailboxFull:
-            pass
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return True
+            return await self._park_until(message, deadline)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return True
+
+    async def hand_over(self, message: T, deadline: float = math.inf) -> bool:
+        """:meth:`send_wait` for a caller that waits for the reader's answer right after.
+
+        A cancellation point, but a schedule point only when it waits for room: the
+        caller's wait for the answer is the call's schedule point, and it always parks
+        (the reader runs only once the caller waits), so the reader runs right away
+        instead of after the caller was resumed once more for nothing.
+
+        Raises:
+            trio.ClosedResourceError: as :meth:`send_wait`.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.send(message)
+        except MailboxFull:
+            return await self._park_until(message, deadline)
+        return True
+
+    async def _park_until(self, message: T, deadline: float) -> bool:
+        """Wait for room (see :meth:`_park`); False if ``deadline`` passed first."""
         if deadline == math.inf:
             await self._park(message)
             return True
@@ -561,6 +581,11 @@ class Subject(Generic[T]):
         owner to take first.
         """
         self._forward = forward
+
+    @property
+    def forwarding(self) -> bool:
+        """True while sends are handed to a ``forward_to`` function instead of queued."""
+        return self._forward is not None
 
     def send(self, message: T) -> None:
         """Queue ``message`` without waiting.
