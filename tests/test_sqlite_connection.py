@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from trio_es import _sqlite_connection
 from trio_es._sqlite_connection import Connection, Interrupt
@@ -102,3 +103,38 @@ async def test_a_failing_call_reaches_its_caller_and_the_thread_goes_on(
     with pytest.raises(ValueError, match="boom"):
         await connection.run(fail)
     assert await connection.run(_ident) == before
+
+
+async def test_calls_from_many_tasks_run_one_at_a_time_in_arrival_order(
+    connection: Connection,
+) -> None:
+    """Concurrent calls on one connection never overlap, and each is a Trio checkpoint."""
+    running: list[int] = []
+    order: list[int] = []
+
+    def call(number: int) -> None:
+        running.append(number)
+        assert len(running) == 1, running  # no other call is on the connection
+        order.append(number)
+        running.remove(number)
+
+    async def caller(number: int) -> None:
+        with trio.testing.assert_checkpoints():
+            await connection.run(lambda _, __: call(number))
+
+    async with trio.open_nursery() as nursery:
+        for number in range(20):
+            nursery.start_soon(caller, number)
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == list(range(20))
+
+
+async def test_a_cancelled_caller_hands_nothing_to_the_thread(connection: Connection) -> None:
+    """A caller cancelled before it calls runs nothing on the connection."""
+    ran: list[str] = []
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await connection.run(lambda _, __: ran.append("ran"))
+    assert scope.cancelled_caught
+    assert ran == []
+    assert await connection.run(lambda _, __: "still usable") == "still usable"

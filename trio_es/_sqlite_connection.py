@@ -161,7 +161,15 @@ class Connection:
         """
         interrupt = Interrupt()
         connection = self.raw
-        async with self.limiter:
+        # Free in all but a rare case (a call still running for another task): taken
+        # without the scheduling point ``async with`` costs, since the wait for the thread
+        # below is one; a cancellation point first, as acquiring would make.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self.limiter.acquire()
+        try:
             if self.closed:
                 raise EventStoreError(self.closed_message)
             task = trio.lowlevel.current_task()
@@ -192,6 +200,8 @@ class Connection:
                     and error_code(error) != sqlite3.SQLITE_INTERRUPT
                 ):
                     raise
+        finally:
+            self.limiter.release()
         # Cancelled is pending for this task, so this raises it.
         await trio.lowlevel.checkpoint()
         raise EventStoreError("a SQLite call was interrupted although nothing cancelled it")
