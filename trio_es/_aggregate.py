@@ -217,7 +217,8 @@ class Shared(Generic[CommandT, EventT, EntityT]):
     #: Set when the system begins to stop: no new commit starts, running ones get
     #: ``shutdown_grace`` seconds to finish.
     stopping: bool = False
-    #: The shielded scopes of the commits under way, so that stopping can bound them.
+    #: The scopes of the aggregate tasks with a commit under way (each task's own
+    #: ``guard``, shielded meanwhile), so that stopping can bound them.
     commit_scopes: set[trio.CancelScope] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
