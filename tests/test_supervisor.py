@@ -778,6 +778,83 @@ async def test_dynamic_stop_ends_a_child_for_good() -> None:
     assert rec.events == [("start", "a"), ("stop", "a")]
 
 
+async def test_a_child_that_is_not_stoppable_runs_without_a_scope_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Unstoppable children get no cancel scope, stop with their supervisor, restart on failure."""
+    runs: list[str] = []
+    scopes: list[trio.CancelScope] = []
+    cancelled: list[str] = []
+
+    async def child(name: str, task_status: trio.TaskStatus[None]) -> None:
+        runs.append(name)
+        scopes.append(trio.CancelScope())  # made by the child itself: the one to ignore
+        if runs.count(name) == 1 and name == "fails":
+            raise ValueError("once")
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(name)
+            raise
+
+    made: list[trio.CancelScope] = []
+    scope_init = trio.CancelScope.__init__
+
+    def counted(scope: trio.CancelScope, *args: Any, **kwargs: Any) -> None:
+        made.append(scope)
+        scope_init(scope, *args, **kwargs)
+
+    sup = DynamicSupervisor(name="dyn")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(trio.CancelScope, "__init__", counted)
+            handles = [
+                sup._start_child(
+                    functools.partial(child, name),
+                    Restart.TRANSIENT,
+                    name,
+                    name,
+                    None,
+                    stoppable=False,
+                )
+                for name in ("a", "fails")
+            ]
+            await trio.testing.wait_all_tasks_blocked()
+        # The children's own scopes only: the supervisor made none for them.
+        assert [scope for scope in made if scope not in scopes] == []
+        assert all(handle._scope is None for handle in handles)
+        assert sorted(runs) == ["a", "fails", "fails"]
+        assert len(sup) == 2
+        nursery.cancel_scope.cancel()
+    assert sorted(cancelled) == ["a", "fails"]
+    assert all(handle.finished for handle in handles)
+
+
+async def test_stop_keeps_a_child_that_is_not_stoppable_from_restarting() -> None:
+    """stop() on an unstoppable child does not cancel it; once it returns it is not restarted."""
+    release = trio.Event()
+    runs: list[int] = []
+
+    async def child(task_status: trio.TaskStatus[None]) -> None:
+        runs.append(1)
+        await release.wait()
+        raise ValueError("would be restarted")
+
+    sup = DynamicSupervisor(name="dyn")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        handle = sup._start_child(child, Restart.PERMANENT, "c", "c", None, stoppable=False)
+        await trio.testing.wait_all_tasks_blocked()
+        handle.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not handle.finished  # still running: nothing cancelled it
+        release.set()
+        await handle.wait()
+        assert runs == [1]
+        nursery.cancel_scope.cancel()
+
+
 async def test_dynamic_releases_records_of_children_gone_for_good(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

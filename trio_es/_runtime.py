@@ -275,9 +275,10 @@ class _Runtime(Generic[CommandT, EventT, EntityT]):
         child = _AggregateChild(self, live)
         try:
             # Without a ChildSpecification (one per first visit); named by the mailbox's
-            # label, so one string serves both.
+            # label, so one string serves both. Not stoppable alone: an aggregate ends by
+            # retiring (returning) or with the whole system, so it needs no scope for that.
             self.aggregates._start_child(
-                child, Restart.TRANSIENT, live.label, live.label, child.gave_up
+                child, Restart.TRANSIENT, live.label, live.label, child.gave_up, stoppable=False
             )
         except RuntimeError:
             # The supervisor is stopping: the final sweep answers what is queued.

@@ -886,27 +886,39 @@ class _DynamicRun:
         start: _StartFn,
         restart: Restart,
         on_give_up: Callable[[SupervisorGaveUp], None] | None,
+        stoppable: bool = True,
     ) -> None:
         """Run and restart one child; tell ``on_give_up`` if it alone was given up on.
 
         One frame for the child's whole life, with no helper coroutine under it: a frame
-        costs about 250 bytes, and there is one such task per live aggregate.
+        costs about 250 bytes, and there is one such task per live aggregate. A child
+        that is not ``stoppable`` runs without a cancel scope of its own (see
+        :meth:`DynamicSupervisor._start_child`).
         """
         gave_up: SupervisorGaveUp | None = None
         # Per-child restart times live in this frame only, so they go when the child goes.
         window: deque[float] | None = None
         try:
             while not handle._stop_requested:
-                # Not shielded (a static supervisor's children are): the supervisor stops
-                # all its children at once, by cancelling its nursery (see _stop_all).
-                scope = handle._scope = trio.CancelScope()
                 failure: Exception | None = None
-                try:
-                    with scope:
+                if stoppable:
+                    # Not shielded (a static supervisor's children are): the supervisor
+                    # stops all its children at once, by cancelling its nursery (see
+                    # _stop_all); this scope serves ChildHandle.stop alone.
+                    scope = handle._scope = trio.CancelScope()
+                    try:
+                        with scope:
+                            await start(task_status=trio.TASK_STATUS_IGNORED)
+                    except Exception as exc:
+                        failure = exc
+                    stopped = scope.cancel_called
+                else:
+                    try:
                         await start(task_status=trio.TASK_STATUS_IGNORED)
-                except Exception as exc:
-                    failure = exc
-                if scope.cancel_called or not self.accepting:
+                    except Exception as exc:
+                        failure = exc
+                    stopped = handle._stop_requested
+                if stopped or not self.accepting:
                     break
                 if not _should_restart(restart, failure):
                     if failure is not None:
@@ -1107,11 +1119,17 @@ class DynamicSupervisor:
         name: str | None,
         label: str,
         on_give_up: Callable[[SupervisorGaveUp], None] | None,
+        *,
+        stoppable: bool = True,
     ) -> ChildHandle:
         """:meth:`start_child` without the specification, for a caller whose values are valid.
 
         The runtime starts one child per first visit of an aggregate: a specification,
-        validated and then dropped, would cost time on every one of them.
+        validated and then dropped, would cost time on every one of them. A child that is
+        not ``stoppable`` gets no cancel scope of its own (about 680 bytes per child): its
+        handle's ``stop`` only keeps it from being restarted, and it ends by returning or
+        when the whole supervisor stops. For a caller that never stops one child alone
+        (the runtime's aggregates).
         """
         state = self._run
         if state is None or not state.accepting or state.nursery is None:
@@ -1123,7 +1141,7 @@ class DynamicSupervisor:
         state.live[handle] = None
         if _parent_link.get() is None:
             state.nursery.start_soon(
-                state.child_task, handle, start, restart, on_give_up, name=label
+                state.child_task, handle, start, restart, on_give_up, stoppable, name=label
             )
             return handle
         # The child's task copies the caller's context: it must not inherit the link of a
@@ -1133,7 +1151,7 @@ class DynamicSupervisor:
         token = _parent_link.set(None)
         try:
             state.nursery.start_soon(
-                state.child_task, handle, start, restart, on_give_up, name=label
+                state.child_task, handle, start, restart, on_give_up, stoppable, name=label
             )
         finally:
             _parent_link.reset(token)
