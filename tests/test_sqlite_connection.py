@@ -105,28 +105,42 @@ async def test_a_failing_call_reaches_its_caller_and_the_thread_goes_on(
     assert await connection.run(_ident) == before
 
 
-async def test_calls_from_many_tasks_run_one_at_a_time_in_arrival_order(
+async def test_a_call_on_a_free_connection_is_a_checkpoint(connection: Connection) -> None:
+    """A call is a Trio checkpoint (a cancel point and a schedule point) and returns its value."""
+    with trio.testing.assert_checkpoints():
+        assert await connection.run(lambda _, __: 42) == 42
+
+
+async def test_a_call_cancelled_while_another_holds_the_connection_never_runs(
     connection: Connection,
 ) -> None:
-    """Concurrent calls on one connection never overlap, and each is a Trio checkpoint."""
-    running: list[int] = []
-    order: list[int] = []
+    """A call waiting for a busy connection is cancelled at once and never reaches the thread."""
+    holding = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
 
-    def call(number: int) -> None:
-        running.append(number)
-        assert len(running) == 1, running  # no other call is on the connection
-        order.append(number)
-        running.remove(number)
+    def hold(_: sqlite3.Connection, __: Interrupt) -> str:
+        holding.set()
+        release.wait(10)
+        return "held"
 
-    async def caller(number: int) -> None:
-        with trio.testing.assert_checkpoints():
-            await connection.run(lambda _, __: call(number))
+    results: list[str] = []
+
+    async def holder() -> None:
+        results.append(await connection.run(hold))
 
     async with trio.open_nursery() as nursery:
-        for number in range(20):
-            nursery.start_soon(caller, number)
-            await trio.testing.wait_all_tasks_blocked()
-    assert order == list(range(20))
+        nursery.start_soon(holder)
+        await trio.to_thread.run_sync(holding.wait, 10)
+        with trio.CancelScope() as waiting:
+            waiting.deadline = trio.current_time() + 0.05
+            await connection.run(lambda _, __: ran.append("waiter"))
+        assert waiting.cancelled_caught
+        assert results == []  # the holder's call is still on the thread, uninterrupted
+        release.set()
+    assert results == ["held"]
+    assert ran == []
+    assert await connection.run(lambda _, __: "next") == "next"
 
 
 async def test_a_cancelled_caller_hands_nothing_to_the_thread(connection: Connection) -> None:

@@ -40,6 +40,7 @@ that stop finished is timed by the parent's grace.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -78,6 +79,10 @@ _StartFn = Callable[..., Awaitable[object]]
 #: How many children that ignore their cancellation a dynamic supervisor names one by one
 #: in its log before it only counts the rest (100,000 lines would drown the log).
 _STRAGGLERS_NAMED: Final = 10
+
+
+#: What a child that is not stoppable runs in instead of a cancel scope of its own.
+_UNSCOPED: Final = contextlib.nullcontext()
 
 
 class Restart(enum.Enum):
@@ -900,24 +905,17 @@ class _DynamicRun:
         window: deque[float] | None = None
         try:
             while not handle._stop_requested:
+                # Not shielded (a static supervisor's children are): the supervisor stops
+                # all its children at once, by cancelling its nursery (see _stop_all); the
+                # child's own scope serves ChildHandle.stop alone.
+                scope = handle._scope = trio.CancelScope() if stoppable else None
                 failure: Exception | None = None
-                if stoppable:
-                    # Not shielded (a static supervisor's children are): the supervisor
-                    # stops all its children at once, by cancelling its nursery (see
-                    # _stop_all); this scope serves ChildHandle.stop alone.
-                    scope = handle._scope = trio.CancelScope()
-                    try:
-                        with scope:
-                            await start(task_status=trio.TASK_STATUS_IGNORED)
-                    except Exception as exc:
-                        failure = exc
-                    stopped = scope.cancel_called
-                else:
-                    try:
+                try:
+                    with _UNSCOPED if scope is None else scope:
                         await start(task_status=trio.TASK_STATUS_IGNORED)
-                    except Exception as exc:
-                        failure = exc
-                    stopped = handle._stop_requested
+                except Exception as exc:
+                    failure = exc
+                stopped = handle._stop_requested if scope is None else scope.cancel_called
                 if stopped or not self.accepting:
                     break
                 if not _should_restart(restart, failure):
