@@ -292,7 +292,7 @@ async def test_parked_senders_keep_fifo_order_behind_the_queue() -> None:
     box.send("b")
     async with trio.open_nursery() as nursery:
         for message in ("c", "d", "e"):
-            nursery.start_soon(box.send_wait, message)
+            nursery.start_soon(box.hand_over, message)
             await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(MailboxFull):
             box.send("refused while senders are parked")
@@ -309,7 +309,7 @@ async def test_a_cancelled_parked_sender_queues_nothing() -> None:
     box = _mailbox(1)
     box.send("a")
     with trio.move_on_after(1) as scope:
-        await box.send_wait("never")
+        await box.hand_over("never")
     assert scope.cancelled_caught
     assert box.get_nowait() == "a"
     with pytest.raises(trio.WouldBlock):
@@ -364,7 +364,7 @@ async def test_hand_over_is_a_cancel_point_that_queues_nothing_when_cancelled() 
 async def test_hand_over_on_a_full_mailbox_parks_until_room_or_the_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """hand_over waits for room like send_wait; past its deadline it returns False, unsent."""
+    """hand_over waits for room in a full mailbox; past its deadline it returns False, unsent."""
     box = _mailbox(1)
     box.send("a")
     started = trio.current_time()
@@ -387,7 +387,7 @@ async def test_closing_a_mailbox_wakes_parked_senders_and_keeps_the_queue() -> N
 
     async def sender() -> None:
         try:
-            await box.send_wait("b")
+            await box.hand_over("b")
         except trio.ClosedResourceError as error:
             refused.append(error)
 
@@ -399,7 +399,7 @@ async def test_closing_a_mailbox_wakes_parked_senders_and_keeps_the_queue() -> N
     with pytest.raises(trio.ClosedResourceError):
         box.send("c")
     with pytest.raises(trio.ClosedResourceError):
-        await box.send_wait("c")
+        await box.hand_over("c")
     assert box.get_nowait() == "a"
     with pytest.raises(trio.EndOfChannel):
         box.get_nowait()

@@ -176,7 +176,7 @@ class Mailbox(Generic[T]):
     """A bounded mailbox read by one task, at a fraction of a memory channel's cost.
 
     What an aggregate's mailbox needs and no more: messages in send order; ``send`` refuses
-    with :class:`MailboxFull` once ``capacity`` messages wait; ``send_wait`` parks its task
+    with :class:`MailboxFull` once ``capacity`` messages wait; ``hand_over`` parks its task
     until there is room, and parked senders get their turn in the order they parked, so
     every sender's messages keep their order. The one reader waits in :meth:`get`, or in
     :meth:`get_or_idle`, which also ends once :class:`IdleTimers` finds it idle.
@@ -229,12 +229,18 @@ class Mailbox(Generic[T]):
         else:
             raise MailboxFull(mailbox=repr(self.label), capacity=self._capacity)
 
-    async def send_wait(self, message: T, deadline: float = math.inf) -> bool:
-        """Queue ``message``, waiting for room if the mailbox is full (backpressure).
+    async def hand_over(self, message: T, deadline: float = math.inf) -> bool:
+        """Queue ``message`` for a caller that waits for the reader's answer right after.
 
-        Returns False if ``deadline`` (Trio's clock) passed while it waited for room: the
-        message was not queued. The wait for room alone is timed (by a cancel scope, made
-        only then): a caller whose deadline is kept elsewhere times the rest.
+        Waits for room if the mailbox is full (backpressure). Returns False if
+        ``deadline`` (Trio's clock) passed while it waited for room: the message was not
+        queued. The wait for room alone is timed (by a cancel scope, made only then): a
+        caller whose deadline is kept elsewhere times the rest.
+
+        A cancellation point, but a schedule point only when it waits for room: the
+        caller's wait for the answer is the call's schedule point, and it always parks
+        (the reader runs only once the caller waits), so the reader runs right away
+        instead of after the caller was resumed once more for nothing.
 
         Raises:
             trio.ClosedResourceError: the mailbox was closed (before or while waiting):
@@ -244,30 +250,9 @@ class Mailbox(Generic[T]):
         try:
             self.send(message)
         except MailboxFull:
-            return await self._park_until(message, deadline)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return True
-
-    async def hand_over(self, message: T, deadline: float = math.inf) -> bool:
-        """:meth:`send_wait` for a caller that waits for the reader's answer right after.
-
-        A cancellation point, but a schedule point only when it waits for room: the
-        caller's wait for the answer is the call's schedule point, and it always parks
-        (the reader runs only once the caller waits), so the reader runs right away
-        instead of after the caller was resumed once more for nothing.
-
-        Raises:
-            trio.ClosedResourceError: as :meth:`send_wait`.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self.send(message)
-        except MailboxFull:
-            return await self._park_until(message, deadline)
-        return True
-
-    async def _park_until(self, message: T, deadline: float) -> bool:
-        """Wait for room (see :meth:`_park`); False if ``deadline`` passed first."""
+            pass
+        else:
+            return True
         if deadline == math.inf:
             await self._park(message)
             return True
