@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import secrets
 import uuid
 from collections import deque
@@ -143,6 +144,13 @@ class Databases:
 _COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"
 #: ReadyForQuery (length 5) in a failed transaction: the COMMIT was skipped after an error.
 _READY_FAILED = b"Z\x00\x00\x00\x05E"
+#: ReadyForQuery (length 5), idle: a statement sent without BEGIN committed or rolled back.
+_READY_IDLE = b"Z\x00\x00\x00\x05I"
+#: CommandComplete (length 15) of an INSERT of one row.
+_INSERT_ONE = b"C\x00\x00\x00\x0fINSERT 0 1\x00"
+#: The name in a Parse message of a statement that commits itself (the store's commit of a
+#: lone event, see ``_commit_alone_statement``): its later runs carry only the name.
+_SELF_COMMITTING = re.compile(rb"(trio_es_[0-9a-f]+)\x00WITH commit_lock")
 
 
 async def serve_proxy(
@@ -172,6 +180,9 @@ class FaultInjectingProxy:
     * ``landed=False``: the connection is cut as the COMMIT is sent, before the server
       gets it (the server rolls back when it notices).
 
+    A statement that commits itself (the store's commit of a lone event) counts as a
+    COMMIT: it lands once the server says it is idle after the insert.
+
     With :attr:`refuse` set, new connections are closed at once: the server looks down.
     :attr:`refuse_after_drop` sets it when the fault is injected, and cuts every other
     connection too, as a network outage would.
@@ -191,6 +202,15 @@ class FaultInjectingProxy:
         #: How many connections were cut.
         self.drops = 0
         self._connections: set[trio.CancelScope] = set()
+        #: Names of the prepared statements that commit themselves, as Parse messages gave them.
+        self._self_committing: set[bytes] = set()
+
+    def _commits(self, data: bytes | bytearray) -> bool:
+        """Whether ``data`` (from the client) carries a COMMIT or a statement committing itself."""
+        self._self_committing.update(_SELF_COMMITTING.findall(data))
+        return b"COMMIT\x00" in data or any(
+            name + b"\x00" in data for name in self._self_committing
+        )
 
     def drop_at_next_commit(self, *, landed: bool) -> None:
         """Cut the connection that sends the next COMMIT (after it ``landed`` or before)."""
@@ -219,7 +239,7 @@ class FaultInjectingProxy:
                 nonlocal commit_sent
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     async for data in client:
-                        if self._armed is not None and b"COMMIT\x00" in data:
+                        if self._commits(data) and self._armed is not None:
                             landed, self._armed = self._armed, None
                             if not landed:
                                 self._dropped()
@@ -236,10 +256,12 @@ class FaultInjectingProxy:
                         if commit_sent:
                             # Hold the reply back; once it says COMMIT, cut the connection.
                             reply += data
-                            if _COMMIT_COMPLETE in reply:
+                            if _COMMIT_COMPLETE in reply or (
+                                _INSERT_ONE in reply and _READY_IDLE in reply
+                            ):
                                 self._dropped()
                                 break
-                            if _READY_FAILED in reply:
+                            if _READY_FAILED in reply or _READY_IDLE in reply:
                                 commit_sent, self._armed = False, True
                                 await client.send_all(reply)
                                 reply = b""

@@ -473,6 +473,12 @@ async def test_two_stores_conflict_like_two_processes(postgres_dsn: str) -> None
         assert [e.payload for e in await _load(first, "acc")] == [Added(1), Added(2)]
 
 
+#: A lone event (one statement that commits itself) and two (BEGIN ... COMMIT).
+_ONE_OR_TWO_EVENTS: Final = pytest.mark.parametrize(
+    "events", [[Added(2)], [Added(2), Added(3)]], ids=["one-statement", "pipeline"]
+)
+
+
 #: Sequence 2 of "acc", inserted by another program (without the store's commit lock).
 _SEQUENCE_2_BEHIND_THE_STORE: Final = (
     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, "
@@ -516,6 +522,37 @@ async def test_unique_key_backs_the_check(postgres_dsn: str, raw: Any, blocker: 
             result.unwrap()
         assert (info.value.expected_sequence, info.value.actual_sequence) == (1, 2)
         assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(99)]
+
+
+def _last_position_drawn(raw: psycopg.Connection[tuple[Any, ...]]) -> int | None:
+    """The last value the events table's identity handed out, committed or not."""
+    row = raw.execute(
+        "SELECT pg_sequence_last_value(pg_get_serial_sequence('events', 'global_position'))"
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+@_ONE_OR_TWO_EVENTS
+async def test_a_commit_draws_no_position_before_it_holds_the_commit_lock(
+    postgres_dsn: str, raw: Any, blocker: Any, events: list[Added]
+) -> None:
+    """A commit waiting for the commit lock has drawn no position yet (commit order holds)."""
+    async with _open(postgres_dsn) as store:
+        await _commit(store, "acc", 0, [Added(1)])
+        drawn = _last_position_drawn(raw)
+        blocker.execute("BEGIN")
+        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (pg_module._commit_lock_key("events"),))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_commit, store, "acc", 1, events)
+            pid = await _wait_until_blocked(raw)
+            assert _last_position_drawn(raw) == drawn
+            [query] = [query for p, _, query in _store_backends(raw) if p == pid]
+            if len(events) == 1:
+                # A lone event's commit is one statement, which takes the lock itself.
+                assert query.startswith("WITH commit_lock AS MATERIALIZED"), query
+            blocker.execute("COMMIT")
+        assert _last_position_drawn(raw) == cast(int, drawn) + len(events)
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), *events]
 
 
 async def test_read_all_never_skips_an_event_under_concurrent_writers(
@@ -898,29 +935,31 @@ def _event_count(raw: psycopg.Connection[tuple[Any, ...]]) -> int:
     return -1 if row is None else int(row[0])
 
 
+@_ONE_OR_TWO_EVENTS
 async def test_commit_that_landed_before_the_connection_broke_is_reported_committed(
-    postgres_dsn: str, raw: Any
+    postgres_dsn: str, raw: Any, events: list[Added]
 ) -> None:
     """COMMIT done, reply lost with the connection: the store finds it landed and says OK."""
     async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
         await _commit(store, "acc", 0, [Added(1)])
         proxy.drop_at_next_commit(landed=True)
-        assert await _commit(store, "acc", 1, [Added(2)]) == 2
+        assert await _commit(store, "acc", 1, events) == 1 + len(events)
         assert proxy.drops == 1
-        assert [e.payload for e in await _load(store, "acc")] == [Added(1), Added(2)]
-        assert await _commit(store, "acc", 2, [Added(3)]) == 3
-    assert _event_count(raw) == 3
+        assert [e.payload for e in await _load(store, "acc")] == [Added(1), *events]
+        assert await _commit(store, "acc", 1 + len(events), [Added(9)]) == 2 + len(events)
+    assert _event_count(raw) == 2 + len(events)
 
 
+@_ONE_OR_TWO_EVENTS
 async def test_commit_lost_before_it_reached_the_server_is_a_retryable_failure(
-    postgres_dsn: str, raw: Any
+    postgres_dsn: str, raw: Any, events: list[Added]
 ) -> None:
     """Connection cut as COMMIT is sent: the store finds nothing landed, TransactionFailed."""
     async with _through_proxy(postgres_dsn) as (proxy, dsn), _open(dsn, pool_size=1) as store:
         await _commit(store, "acc", 0, [Added(1)])
         proxy.drop_at_next_commit(landed=False)
         with pytest.raises(TransactionFailed, match="nothing was committed") as info:
-            await _commit(store, "acc", 1, [Added(2)])
+            await _commit(store, "acc", 1, events)
         assert not isinstance(info.value, ConcurrencyConflict)
         assert info.value.aggregate_id == "acc"
         assert proxy.drops == 1

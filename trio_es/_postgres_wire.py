@@ -142,7 +142,7 @@ async def exchange(
             position += 1
         pgconn.pipeline_sync()
         waited = await _flush(pgconn)
-        received_late = await _receive(pgconn, received)
+        received_late = await _receive(pgconn, received, sent_only=not waited)
     except BaseException:
         session.broken = True
         raise
@@ -228,10 +228,20 @@ async def _flush(pgconn: pq.abc.PGconn) -> bool:
     return waited
 
 
-async def _receive(pgconn: pq.abc.PGconn, results: list[pq.abc.PGresult]) -> bool:
+async def _receive(
+    pgconn: pq.abc.PGconn, results: list[pq.abc.PGresult], *, sent_only: bool = False
+) -> bool:
     """Append every result up to the pipeline's sync to ``results``, in order (one per
-    statement); return whether it had to wait for the socket."""
+    statement); return whether it had to wait for the socket.
+
+    ``sent_only``: the exchange only sent so far (it read nothing while flushing), so
+    there is nothing to read until the socket says so: reading at once would be a system
+    call that finds nothing, on every exchange.
+    """
     waited = False
+    if sent_only:
+        await trio.lowlevel.wait_readable(pgconn.socket)
+        waited = True
     while True:
         pgconn.consume_input()
         while not pgconn.is_busy():
