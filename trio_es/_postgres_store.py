@@ -1,23 +1,25 @@
 """The PostgreSQL event store: several processes, on several machines, share one database.
 
-How it talks to PostgreSQL: psycopg 3 connections are blocking, so every database call
-runs in a worker thread (``trio.to_thread.run_sync``). The store keeps a small pool of
-connections (``_postgres_pool.py``), each with its own ``CapacityLimiter(1)``: at most
-one thread ever uses a connection, and a task that takes a connection whose previous
-(cancelled) call is still finishing waits for that thread first (see
+How it talks to PostgreSQL: commits and reads, the hot path, go from the Trio thread
+through libpq's non-blocking calls (``_postgres_wire.py``), with no thread hop; setup,
+leases, LISTEN, the lookup after a lost commit and the rare commit shapes run blocking
+psycopg calls in a worker thread (``trio.to_thread.run_sync``). The store keeps a small
+pool of connections (``_postgres_pool.py``), each with its own ``CapacityLimiter(1)``: at
+most one task or thread ever uses a connection, and a task that takes a connection whose
+previous (cancelled) call is still finishing waits for it first (see
 ``_postgres_connection.py``, which watches and projection leases use too).
 
-A thread hop costs far more than the Python around it, so a transaction makes at most
-one hop to write: ``commit_events`` and ``save_snapshot`` only encode and buffer (a
-serialization error is raised right there), and leaving the ``async with`` block runs
-BEGIN, the optimistic-concurrency checks, the snapshot upserts, the inserts and COMMIT
-in a single thread call and, as a rule, a single round trip (the checks ride in the
-inserts, see ``_commit``); a transaction of one event is a single statement (see
-``_commit_alone_statement``). Each read is one hop and sees the latest committed data plus
-the transaction's own buffered writes; a transaction that only reads writes nothing.
+A transaction makes, as a rule, one round trip to write: ``commit_events`` and
+``save_snapshot`` only encode and buffer (a serialization error is raised right there),
+and leaving the ``async with`` block sends BEGIN, the snapshot upserts, the commit lock,
+the inserts (which carry the optimistic-concurrency checks) and COMMIT as one pipeline
+(see ``_commit_wire``); a transaction of one event is a single statement that commits
+itself (see ``_commit_alone_statement``). Each read is one round trip and sees the latest
+committed data plus the transaction's own buffered writes; a transaction that only reads
+writes nothing.
 
 Commit order: every transaction that inserts events takes one transaction-scoped
-advisory lock per events table just before its INSERT and holds it to COMMIT, so
+advisory lock per events table just before its INSERT and holds it until it commits, so
 ``global_position`` values are drawn and made visible in one serial order. That is what
 lets a reader page through :meth:`PostgresStore.read_all` without ever skipping an event
 (see :meth:`PostgresStore.read_all` for the argument). The inserts return their
