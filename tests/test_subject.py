@@ -244,6 +244,16 @@ async def test_closing_a_reply_subject_ends_its_reader() -> None:
         reply.send(outcome.Value(1))
 
 
+async def test_a_reply_sent_before_its_subject_closed_is_still_received() -> None:
+    """Closing a reply subject keeps its unread reply for the reader; after it, EndOfChannel."""
+    reply = new_reply("r")
+    reply.send(outcome.Value(1))
+    reply.close()
+    assert await reply.get() == outcome.Value(1)
+    with pytest.raises(trio.EndOfChannel):
+        await reply.get()
+
+
 async def test_only_one_task_may_wait_for_a_reply() -> None:
     """Two readers of one reply subject is a bug: the second gets BusyResourceError."""
     reply = new_reply("r")
@@ -405,6 +415,19 @@ async def test_closing_a_mailbox_wakes_parked_senders_and_keeps_the_queue() -> N
         box.get_nowait()
     with pytest.raises(trio.EndOfChannel):
         await box.get()
+
+
+async def test_take_nowait_is_none_on_an_empty_mailbox_and_ends_once_it_is_closed() -> None:
+    """take_nowait: None while empty, messages in order, EndOfChannel once closed and empty."""
+    box = _mailbox()
+    assert box.take_nowait() is None
+    box.send("a")
+    box.send("b")
+    assert box.take_nowait() == "a"
+    box.close()
+    assert box.take_nowait() == "b"
+    with pytest.raises(trio.EndOfChannel):
+        box.take_nowait()
 
 
 async def test_closing_a_mailbox_ends_its_waiting_reader() -> None:

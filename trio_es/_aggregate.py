@@ -156,10 +156,7 @@ class Live(Mailbox[AggregateMessage]):
             if not backlog:
                 self._backlog = None
             return message
-        try:
-            return self.get_nowait()
-        except trio.WouldBlock:
-            return None
+        return self.take_nowait()
 
     def put_back(self, messages: Sequence[AggregateMessage]) -> None:
         """Put ``messages`` back at the front of the line, in their order."""
@@ -621,7 +618,12 @@ class AggregateTask(Generic[CommandT, EventT, EntityT]):
         published: list[Sequence[EventEnvelope[EventT]]] = []
         refused: tuple[int, Exception] | None = None
         sequence, entity = self.sequence, self.entity
-        if not any(item.refusal is None and item.events for item in decided):
+        # A loop, not any() over a generator: closing the generator early costs an
+        # exception inside it, on every command.
+        for item in decided:
+            if item.refusal is None and item.events:
+                break
+        else:
             for item in decided:
                 item.sequence = sequence
             return decided, published, None  # nothing to store: no transaction at all
