@@ -20,7 +20,7 @@ from trio_es import (
     EventStoreError,
     TransactionFailed,
 )
-from trio_es._group_commit import GroupCommit
+from trio_es._group_commit import _GATHER_ROUNDS, GroupCommit
 
 COMMIT_SECONDS = 0.01
 
@@ -37,6 +37,7 @@ class FakeDatabase:
     #: Raised after committing the next batch, as a Ctrl-C arriving then would be.
     interrupt_next_batch: BaseException | None = None
     in_flight: int = 0
+    commit_seconds: float = COMMIT_SECONDS
 
     async def commit_batch(self, plans: list[str]) -> list[outcome.Outcome[None]]:
         self.in_flight += 1
@@ -45,7 +46,7 @@ class FakeDatabase:
             self.batches.append(list(plans))
             fail, self.fail_next_batch = self.fail_next_batch, None
             interrupt, self.interrupt_next_batch = self.interrupt_next_batch, None
-            await trio.sleep(COMMIT_SECONDS)
+            await trio.sleep(self.commit_seconds)
             if fail is not None:
                 raise fail
             results: list[outcome.Outcome[None]] = []
@@ -417,13 +418,13 @@ schedules = st.lists(
 )
 
 
-@given(schedules)
+@given(schedules, st.booleans())
 def test_every_plan_is_committed_at_most_once_and_every_caller_answered(
-    schedule: list[tuple[float, bool, float | None]],
+    schedule: list[tuple[float, bool, float | None]], gather: bool
 ) -> None:
     """For random arrivals, refusals and cancellations: answers match the database, once each."""
     db = FakeDatabase(refuse={f"p{n}" for n, (_, bad, _) in enumerate(schedule) if bad})
-    commits = group(db, max_batch=5)
+    commits = group(db, max_batch=5, gather=gather)
     answers: dict[str, str] = {}
 
     async def caller(plan: str, arrival: float, cancel_after: float | None) -> None:
@@ -481,3 +482,124 @@ async def test_each_caller_gets_its_plans_value(autojump_clock: trio.testing.Moc
             nursery.start_soon(commit, plan)
     assert got == {"a": "A", "b": "B", "c": "C"}
     assert max(len(batch) for batch in batches) > 1
+
+
+async def _after_a_batch_of(size: int, db: FakeDatabase, commits: GroupCommit[str]) -> None:
+    """Commit a lone batch, then one of ``size`` plans that arrived during it."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commits.commit, "opening")
+        await trio.testing.wait_all_tasks_blocked()
+        for number in range(size):
+            nursery.start_soon(commits.commit, f"w{number}")
+    assert sorted(db.batches[-1]) == [f"w{n}" for n in range(size)]
+
+
+async def _commit_after(commits: GroupCommit[str], plan: str, rounds: int) -> None:
+    for _ in range(rounds):
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    await commits.commit(plan)
+
+
+async def test_a_leader_after_a_wave_gathers_the_commits_that_wave_brings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With gather, commits arriving within the rounds after a batch of several share one batch."""
+    for gather in (True, False):
+        db = FakeDatabase()
+        commits = group(db, gather=gather)
+        await _after_a_batch_of(2, db, commits)
+        # A wave: the leader commits at once, the others one and two rounds later (a
+        # caller's reply, then its next command's aggregate).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_commit_after, commits, "lead", 0)
+            nursery.start_soon(_commit_after, commits, "one round later", 1)
+            nursery.start_soon(_commit_after, commits, "two rounds later", 2)
+        wave = db.batches[2:]
+        if gather:
+            assert [sorted(batch) for batch in wave] == [
+                ["lead", "one round later", "two rounds later"]
+            ]
+        else:
+            assert len(wave) == 2, wave
+        assert sorted(db.committed[3:]) == ["lead", "one round later", "two rounds later"]
+
+
+async def test_a_leader_after_a_batch_of_one_takes_its_batch_at_once() -> None:
+    """With gather, a lone writer (the last batch held one plan) lets no other task run first."""
+    db = FakeDatabase(commit_seconds=0)
+    commits = group(db, gather=True)
+    await commits.commit("lone")
+    other_ran = False
+
+    async def other() -> None:
+        nonlocal other_ran
+        other_ran = True
+
+    seen: list[bool] = []
+    recorded = db.commit_batch
+
+    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
+        seen.append(other_ran)
+        return await recorded(plans)
+
+    commits.commit_batch = commit_batch
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await commits.commit("next")
+    assert seen == [False]
+    assert db.batches == [["lone"], ["next"]]
+
+
+async def test_gathering_ends_within_a_bounded_number_of_rounds() -> None:
+    """A gathering leader waits a fixed number of rounds, however busy the other tasks are."""
+    db = FakeDatabase(commit_seconds=0.001)
+    commits = group(db, gather=True)
+    await _after_a_batch_of(2, db, commits)
+    rounds = 0
+    rounds_at_commit: list[int] = []
+    recorded = db.commit_batch
+
+    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
+        rounds_at_commit.append(rounds)
+        return await recorded(plans)
+
+    commits.commit_batch = commit_batch
+
+    async def busy() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        await commits.commit("lead")
+        nursery.cancel_scope.cancel()
+    assert db.batches[-1] == ["lead"]
+    assert rounds_at_commit[0] <= _GATHER_ROUNDS + 1
+
+
+async def test_a_follower_cancelled_while_its_leader_gathers_is_withdrawn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A commit cancelled before the gathering leader takes its batch never reaches the database."""
+    db = FakeDatabase()
+    commits = group(db, gather=True)
+    await _after_a_batch_of(2, db, commits)
+    scope = trio.CancelScope()
+
+    async def withdrawn() -> None:
+        with scope:
+            await commits.commit("withdrawn")
+
+    async def cancel() -> None:
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        # Started now, they run in the next round, while this task (the leader) gathers.
+        nursery.start_soon(commits.commit, "kept")
+        nursery.start_soon(withdrawn)
+        nursery.start_soon(cancel)
+        await commits.commit("lead")
+    assert [sorted(batch) for batch in db.batches[2:]] == [["kept", "lead"]]
+    assert "withdrawn" not in db.committed

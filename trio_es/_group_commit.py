@@ -13,7 +13,7 @@ queue up; when the batch is done the first of them leads the next batch with all
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
 
 import attrs
 import outcome
@@ -24,6 +24,11 @@ from ._errors import CommitOutcomeUnknown
 __all__ = ["GroupCommit"]
 
 PlanT = TypeVar("PlanT")
+
+# How many scheduling rounds a gathering leader lets pass (see GroupCommit._gather): a
+# wave's chain is the answered task, the caller it replies to, and the task that caller
+# sends its next command to, which commits.
+_GATHER_ROUNDS: Final = 3
 
 #: Commits a batch in one database transaction and returns one outcome per plan, in order.
 #: A failure of one plan (a concurrency conflict, a row the database refuses) is that
@@ -76,16 +81,22 @@ class GroupCommit(Generic[PlanT]):
     Attributes:
         commit_batch: the store's batch commit (one worker-thread call).
         max_batch: the most plans one batch takes; the rest wait for the next one.
+        gather: after a batch of several plans, the next leader lets the other runnable
+            tasks take their turn before it takes its batch (see :meth:`_gather`). For a
+            store whose commit runs in a worker thread; a lone writer is never delayed.
         batches: how many batches were committed (for tests and statistics).
         plans: how many plans those batches held.
     """
 
     commit_batch: CommitBatch[PlanT]
     max_batch: int = 512
+    gather: bool = False
     batches: int = 0
     plans: int = 0
     _queue: list[_Waiter[PlanT]] = attrs.field(factory=list, init=False)
     _busy: bool = attrs.field(default=False, init=False)
+    #: How many plans the last batch took: more than one means commits come in waves.
+    _last_batch: int = attrs.field(default=0, init=False)
 
     # Protected from KeyboardInterrupt (and so is the commit_batch it calls): a Ctrl-C
     # raised between two lines of the queue bookkeeping could leave a waiter unanswered
@@ -119,8 +130,31 @@ class GroupCommit(Generic[PlanT]):
         assert waiter.result is not None
         return waiter.result.unwrap()
 
+    async def _gather(self) -> None:
+        """Let a wave of commits queue up before this leader takes its batch.
+
+        Commits come in waves under load: a batch of several answers its callers, whose
+        tasks reply to theirs, who send their next commands, whose aggregates commit
+        again, over a few scheduling rounds. The first of them to commit leads; taking
+        the batch at once makes it a batch of that one plan, and the rest of the wave
+        waits for the next commit and its fsync. For a store whose commit runs in a
+        worker thread, starting at once gains little: the thread needs the GIL to run,
+        and the Trio thread keeps it until it runs out of runnable tasks (or CPython's
+        switch interval ends, 5 ms by default). So the leader first lets three
+        scheduling rounds pass, the length of the chain above: a fixed number, so the
+        delay is bounded however busy the other tasks are.
+
+        The yields are no cancellation points: the leader is already committed to lead,
+        and its own cancellation is handled by ``commit_batch`` as for any leader.
+        """
+        for _ in range(_GATHER_ROUNDS):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def _lead(self) -> None:
+        if self.gather and self._last_batch > 1:
+            await self._gather()
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self._last_batch = len(batch)
         answers: list[outcome.Outcome[Any]] | None = None
         failure: BaseException | None = None
         try:

@@ -574,7 +574,7 @@ class SqliteStore(SqlStoreShell[SqliteTransaction[EventT, EntityT], EventT, Enti
     _head: AsyncValue[int] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self._group_commit = GroupCommit(self._commit_batch)
+        self._group_commit = GroupCommit(self._commit_batch, gather=True)
         self._reads = SqlReads(
             self._statements, self.transcoder, self.aggregate_type, self._fetch, self._read
         )
