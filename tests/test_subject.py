@@ -625,6 +625,59 @@ async def test_call_timers_hand_waiting_calls_back_untimed_when_they_stop(
     assert not timers.watch(new_reply("late"), trio.current_time() + 60)
 
 
+class _StepsOf(trio.abc.Instrument):
+    """Counts the scheduling steps of the tasks whose name ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.steps += 1
+
+
+async def test_a_first_waiter_leaves_the_parked_timer_task_asleep_until_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Registering with a parked timer task runs that task only at the deadline, once."""
+    timers = CallTimers()
+    steps = _StepsOf(".run")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            reply = new_reply("r")
+            start = trio.current_time()
+            assert timers.watch(reply, start + 4.0)
+            await trio.sleep(3.9)
+            assert steps.steps == 0
+            assert await reply.get() is CALL_EXPIRED
+            assert trio.current_time() - start == 4.0
+            assert steps.steps == 1
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        timers.forget(reply)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_parked_timer_task_still_stops_when_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelling the timer task while it is parked ends it at once, waiting calls untimed."""
+    timers = CallTimers()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timers.run)
+        await trio.testing.wait_all_tasks_blocked()
+        reply = new_reply("r")
+        assert timers.watch(reply, trio.current_time() + 60)
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() < 60
+    assert await reply.get() is CALL_UNTIMED
+    assert not timers.running
+
+
 async def test_call_timers_refuse_a_deadline_earlier_than_the_last_one(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

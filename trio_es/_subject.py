@@ -396,21 +396,27 @@ class _Deadlines(Generic[K]):
     Deadlines are registered in increasing order, so that a dict (insertion-ordered) is
     the queue and its first entry the next to fire. The timer task (:meth:`run`) then
     never needs waking for a new waiter, since it cannot fire before the deadlines
-    already registered; it only parks when nobody waits, and the next waiter wakes it.
+    already registered. When nobody waits it parks in a cancel scope with no deadline,
+    and the next waiter gives that scope its own deadline rather than waking the task:
+    the task first runs when that deadline passes (a system's first call, a cold load,
+    then pays for no task switch and no scope of the timer's).
     """
 
     __slots__ = ("_parked", "_waiting")
 
     def __init__(self) -> None:
         self._waiting: dict[K, float] = {}
-        self._parked: trio.lowlevel.Task | None = None
+        #: The scope the timer task is parked in while nobody waits (no deadline yet).
+        self._parked: trio.CancelScope | None = None
 
     def _add(self, key: K, deadline: float) -> None:
         self._waiting[key] = deadline
         parked = self._parked
         if parked is not None:
+            # The first waiter: its deadline is the parked task's. Later waiters' come
+            # later, and the task, once woken, sleeps until the next one itself.
             self._parked = None
-            trio.lowlevel.reschedule(parked)
+            parked.deadline = deadline
 
     def _expire(self, key: K) -> None:
         raise NotImplementedError  # pragma: no cover - every subclass wakes its waiters
@@ -424,8 +430,13 @@ class _Deadlines(Generic[K]):
         waiting = self._waiting
         while True:
             if not waiting:
-                self._parked = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                with trio.CancelScope() as parked:
+                    self._parked = parked
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        # Woken by the first waiter's deadline, or cancelled from outside.
+                        self._parked = None
                 continue
             now = trio.current_time()
             expired: list[K] = []
@@ -442,10 +453,6 @@ class _Deadlines(Generic[K]):
             if next_deadline is not None:
                 # Waiters registered meanwhile have later deadlines: no need to wake early.
                 await trio.sleep_until(next_deadline)
-
-    def _unpark(self, _: Any) -> trio.lowlevel.Abort:
-        self._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @final
