@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -23,6 +24,8 @@ from trio_es import (
 from trio_es._group_commit import _GATHER_ROUNDS, GroupCommit
 
 COMMIT_SECONDS = 0.01
+
+T = TypeVar("T")
 
 
 @attrs.define
@@ -494,6 +497,20 @@ async def _after_a_batch_of(size: int, db: FakeDatabase, commits: GroupCommit[st
     assert sorted(db.batches[-1]) == [f"w{n}" for n in range(size)]
 
 
+def _noted_at_each_batch(
+    commits: GroupCommit[str], db: FakeDatabase, note: Callable[[], T]
+) -> list[T]:
+    """What ``note()`` returns each time ``commits`` hands a batch to ``db``, in order."""
+    noted: list[T] = []
+
+    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
+        noted.append(note())
+        return await db.commit_batch(plans)
+
+    commits.commit_batch = commit_batch
+    return noted
+
+
 async def _commit_after(commits: GroupCommit[str], plan: str, rounds: int) -> None:
     for _ in range(rounds):
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -535,14 +552,7 @@ async def test_a_leader_after_a_batch_of_one_takes_its_batch_at_once() -> None:
         nonlocal other_ran
         other_ran = True
 
-    seen: list[bool] = []
-    recorded = db.commit_batch
-
-    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
-        seen.append(other_ran)
-        return await recorded(plans)
-
-    commits.commit_batch = commit_batch
+    seen = _noted_at_each_batch(commits, db, lambda: other_ran)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(other)
         await commits.commit("next")
@@ -556,14 +566,7 @@ async def test_gathering_ends_within_a_bounded_number_of_rounds() -> None:
     commits = group(db, gather=True)
     await _after_a_batch_of(2, db, commits)
     rounds = 0
-    rounds_at_commit: list[int] = []
-    recorded = db.commit_batch
-
-    async def commit_batch(plans: list[str]) -> list[outcome.Outcome[None]]:
-        rounds_at_commit.append(rounds)
-        return await recorded(plans)
-
-    commits.commit_batch = commit_batch
+    rounds_at_commit = _noted_at_each_batch(commits, db, lambda: rounds)
 
     async def busy() -> None:
         nonlocal rounds
