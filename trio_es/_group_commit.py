@@ -8,6 +8,9 @@ Leader and followers, no background task: a transaction that arrives when nothin
 committed is the leader and commits at once (so a lone writer waits for nobody: latency at
 low load is that of a plain commit). Transactions that arrive while a batch is in flight
 queue up; when the batch is done the first of them leads the next batch with all of them.
+A store whose commit runs in a worker thread may ask a leader that follows a batch of
+several to let a few scheduling rounds pass first (``gather``), so that a wave of commits
+becomes one batch.
 """
 
 from __future__ import annotations
@@ -81,9 +84,10 @@ class GroupCommit(Generic[PlanT]):
     Attributes:
         commit_batch: the store's batch commit (one worker-thread call).
         max_batch: the most plans one batch takes; the rest wait for the next one.
-        gather: after a batch of several plans, the next leader lets the other runnable
-            tasks take their turn before it takes its batch (see :meth:`_gather`). For a
-            store whose commit runs in a worker thread; a lone writer is never delayed.
+        gather: after a batch of several plans, the next leader lets three scheduling
+            rounds pass before it takes its batch, so that the rest of its wave joins it
+            (see :meth:`_gather`). For a store whose commit runs in a worker thread. A
+            leader after a batch of one leads at once: a lone writer waits for nobody.
         batches: how many batches were committed (for tests and statistics).
         plans: how many plans those batches held.
     """
