@@ -429,18 +429,9 @@ class _Deadlines(Generic[K]):
         """Wake each waiter whose deadline passed, for as long as the calling task runs."""
         waiting = self._waiting
         while True:
-            if not waiting:
-                with trio.CancelScope() as parked:
-                    self._parked = parked
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        # Woken by the first waiter's deadline, or cancelled from outside.
-                        self._parked = None
-                continue
             now = trio.current_time()
             expired: list[K] = []
-            next_deadline: float | None = None
+            next_deadline = math.inf
             for key, deadline in waiting.items():
                 if deadline > now:
                     next_deadline = deadline
@@ -450,9 +441,16 @@ class _Deadlines(Generic[K]):
                 del waiting[key]
                 self._expire(key)
             del expired
-            if next_deadline is not None:
-                # Waiters registered meanwhile have later deadlines: no need to wake early.
-                await trio.sleep_until(next_deadline)
+            # Until the next deadline: waiters registered meanwhile have later ones, so
+            # nothing needs to wake the task early. With nobody waiting it parks, and the
+            # next waiter gives this scope its deadline.
+            with trio.CancelScope(deadline=next_deadline) as sleep:
+                if next_deadline == math.inf:
+                    self._parked = sleep
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._parked = None
 
 
 @final
